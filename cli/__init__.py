@@ -1,0 +1,1 @@
+"""The `crepa-mem` command line (installed as the `crepa_mem.cli` package)."""

@@ -1,0 +1,38 @@
+"""Maps exceptions to one line on stderr and the documented exit code; never a traceback for a user mistake.
+
+Exit codes: 0 ok, 1 a known error, 2 bad usage or bad input, 3 a plan that does not fit.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable, TypeVar
+
+from crepa_mem.errors import CrepaMemError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DOES_NOT_FIT = 0, 1, 2, 3
+
+F = TypeVar("F", bound=Callable)
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> "NoReturn":  # noqa: F821
+    """Print one line to stderr and exit."""
+    import typer
+
+    print(f"crepa-mem: error: {message}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def user_errors(func: F) -> F:
+    """Decorator for command bodies: known errors → one line + exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except CrepaMemError as e:
+            fail(str(e), getattr(e, "exit_code", EXIT_ERROR))
+        except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+            fail(f"{e.strerror}: {e.filename}", EXIT_USAGE)
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,40 @@
+"""crepa-mem: SimpleTuner's CREPA regularizer, made to fit on the GPUs people have.
+
+Importing this package imports no torch: the names below are loaded on first use, so
+`crepa-mem plan` starts in well under a second.
+"""
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+from .config import CrepaConfig
+from .errors import CrepaConfigError, CrepaMemError
+
+__version__ = "0.1.0"
+
+# public name → module that defines it (imported lazily; most of them pull in torch)
+_LAZY = {
+    "CrepaRegularizer": "regularizer",
+    "capture_hidden_states": "capture",
+    "plan": "planner",
+    "Plan": "planner",
+    "wrap": "wrap",
+}
+
+__all__ = ["CrepaConfig", "CrepaConfigError", "CrepaMemError", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'crepa_mem' has no attribute {name!r}")
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .capture import capture_hidden_states
+    from .planner import Plan, plan
+    from .regularizer import CrepaRegularizer
+    from .wrap import wrap
