@@ -1,0 +1,55 @@
+"""Loading the frozen DINOv2 teacher by name, from the local Hugging Face cache or a local directory.
+
+Nothing here downloads: training machines are often offline, and a surprise multi-GB download in the
+middle of a run is worse than a clear error that says what to fetch.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import EncoderNotAvailableError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def hub_id_for(name: str) -> str:
+    """dinov2_vitg14 → facebook/dinov2-giant (profiles/encoders.toml); hub ids pass through."""
+    if "/" in name:
+        return name
+    from .profiles import get_encoder
+
+    return get_encoder(name).hub_id
+
+
+def load_encoder(name: str, *, path: str | os.PathLike | None = None, dtype: str = "fp32") -> nn.Module:
+    """A frozen transformers DINOv2 (with or without registers), eval mode, in `dtype`, on the CPU.
+
+    `path` (or a `name` that is an existing directory) loads with from_pretrained from that folder;
+    otherwise the hub id is read from the local cache only.
+    """
+    from transformers import AutoModel
+
+    source = Path(path) if path else (Path(name) if Path(name).is_dir() else None)
+    try:
+        if source is not None:
+            model = AutoModel.from_pretrained(str(source), torch_dtype=DTYPES[dtype])
+        else:
+            hub_id = hub_id_for(name)
+            model = AutoModel.from_pretrained(hub_id, torch_dtype=DTYPES[dtype], local_files_only=True)
+    except (OSError, ValueError) as err:
+        where = str(source) if source is not None else f"{hub_id} in the Hugging Face cache ({_hub_cache()})"
+        raise EncoderNotAvailableError(
+            f"encoder {name!r} is not available: {where} has no loadable weights. On a machine with "
+            f"internet run `huggingface-cli download {hub_id_for(name) if source is None else name}` "
+            f"(or copy the folder here and set crepa_mem_encoder_path=DIR)") from err
+    return model.eval().requires_grad_(False)
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)

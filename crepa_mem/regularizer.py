@@ -1,0 +1,169 @@
+"""CrepaRegularizer: SimpleTuner's CREPA loss with the teacher computed in streamed, tiered chunks.
+
+Legend: B batch, T' DiT frames, P DiT tokens per frame, D width.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .config import CrepaConfig
+from .errors import CrepaConfigError, ShapeError
+from .loss import (LambdaSchedule, align_temporal, align_tokens, build_projector, frame_similarity,
+                   per_video_objective, project)
+from .teacher import TeacherFeatures, TeacherPath, encoder_dim
+from .tiers import place
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def prepare_vae(vae: nn.Module, cfg: CrepaConfig) -> nn.Module:
+    """Frozen, eval; decode-only when asked (SimpleTuner drops vae.encoder and vae.quant_conv); tiling."""
+    vae.eval().requires_grad_(False)
+    if cfg.drop_vae_encoder:
+        for name in ("encoder", "quant_conv"):
+            if getattr(vae, name, None) is not None:
+                setattr(vae, name, None)
+    if cfg.vae_tiling and hasattr(vae, "enable_tiling"):
+        if cfg.vae_tile_size:
+            vae.enable_tiling(tile_sample_min_height=cfg.vae_tile_size, tile_sample_min_width=cfg.vae_tile_size,
+                              tile_sample_stride_height=cfg.vae_tile_size * 3 // 4,
+                              tile_sample_stride_width=cfg.vae_tile_size * 3 // 4)
+        else:
+            vae.enable_tiling()
+    return vae
+
+
+class CrepaRegularizer:
+    """Projector + teacher + schedule. `compute_loss` returns (loss, logs) like SimpleTuner's."""
+
+    def __init__(self, config: CrepaConfig | Mapping[str, Any], hidden_size: int, encoder: nn.Module | None = None,
+                 vae: nn.Module | None = None, *, device: torch.device | str | None = None, plan: Any = None,
+                 max_train_steps: int | None = None, teacher: Any = None):
+        cfg = config if isinstance(config, CrepaConfig) else CrepaConfig.from_dict(config)
+        if plan is not None:
+            cfg = plan.to_config(cfg)
+        if not isinstance(hidden_size, int) or hidden_size <= 0:
+            raise CrepaConfigError("hidden_size", hidden_size, valid="a positive integer",
+                                   hint="CREPA enabled but unable to infer transformer hidden size.")
+        self.config, self.hidden_size = cfg, hidden_size
+        self.device = torch.device(device) if device is not None else default_device()
+        self.teacher = teacher
+        if cfg.backbone_mode:
+            dim = hidden_size
+        elif teacher is not None:
+            dim = teacher.encoder_dim
+        else:
+            if encoder is None:
+                from .encoders import load_encoder
+
+                encoder = load_encoder(cfg.encoder, path=cfg.encoder_path, dtype=cfg.encoder_dtype)
+            from .encoders import DTYPES
+
+            encoder.eval().requires_grad_(False)
+            dim = encoder_dim(encoder)
+            enc_place = place(encoder, cfg.encoder_tier, compute_device=self.device,
+                              teacher_device=cfg.teacher_device, dtype=DTYPES[cfg.encoder_dtype])
+            vae_place = None if vae is None else place(prepare_vae(vae, cfg), cfg.vae_tier, compute_device=self.device,
+                                                        teacher_device=cfg.teacher_device)
+            self.teacher = TeacherPath(vae=vae_place, encoder=enc_place, image_size=cfg.encoder_image_size,
+                                       compute_device=self.device, frames_per_chunk=cfg.frames_per_chunk,
+                                       true_grid=cfg.true_grid)
+        self.encoder_dim = dim
+        self.projector = build_projector(hidden_size, dim).to(self.device)
+        self.schedule = LambdaSchedule(
+            lambda_=cfg.lambda_, scheduler=cfg.scheduler, warmup_steps=cfg.warmup_steps, decay_steps=cfg.decay_steps,
+            cutoff_step=cfg.cutoff_step, lambda_end=cfg.lambda_end, power=cfg.power,
+            similarity_threshold=cfg.similarity_threshold, similarity_ema_decay=cfg.similarity_ema_decay,
+            threshold_mode=cfg.threshold_mode, max_train_steps=max_train_steps)
+        self._warned_nonfinite = False
+
+    # ------------------------------------------------------------------ the loss
+    def compute_loss(self, hidden_states: Tensor, latents: Tensor | None, step: int = 0, *,
+                     frame_features: Tensor | None = None,
+                     dit_grid: tuple[int, int] | None = None) -> tuple[Tensor | None, dict | None]:
+        """hidden_states (B, T', P, D) from the student block; latents the clean normalised (B, C, T, h, w);
+        or `frame_features` (B, T', P, D) from the teacher block in backbone mode."""
+        cfg = self.config
+        if cfg.lambda_ == 0:
+            return None, None  # SimpleTuner: weight 0 → no loss, no logs
+        if hidden_states is None:
+            raise ValueError("CREPA is enabled but no intermediate hidden states were provided.")
+        if hidden_states.ndim not in (3, 4):
+            raise ShapeError(f"hidden states must be (B, T', P, D), got {tuple(hidden_states.shape)}")
+        projected = project(self.projector, hidden_states.to(self.device))
+        teacher_grid = dit_grid
+        facts: dict[str, Any] = {}
+        if frame_features is not None:
+            features = frame_features.detach().to(self.device).float()
+            if features.ndim == 3:
+                features = features.unsqueeze(2)
+        else:
+            if latents is None:
+                raise ValueError("CREPA requires the clean latents (or frame_features in backbone mode).")
+            if latents.ndim != 5 or latents.shape[0] != hidden_states.shape[0]:
+                raise ShapeError(f"latents {tuple(latents.shape)} do not match hidden states "
+                                 f"{tuple(hidden_states.shape)}: expected latents (B, C, T, h, w) with the same B")
+            if self.teacher is None:
+                raise ValueError("no teacher: backbone mode needs frame_features, otherwise pass an encoder/VAE")
+            result: TeacherFeatures = self._teacher_features(latents, projected.shape[1], dit_grid)
+            features, teacher_grid = result.features.float(), result.grid
+            facts = {f"crepa_teacher_{k}": v for k, v in result.stats.items()}
+        if not torch.isfinite(features).all():
+            if not self._warned_nonfinite:
+                warnings.warn("CREPA: teacher features contain NaN/Inf; skipping the CREPA loss for such steps",
+                              RuntimeWarning, stacklevel=2)
+                self._warned_nonfinite = True
+            return None, {"crepa_skipped": True, **facts}
+        if features.shape[0] != projected.shape[0]:
+            raise ShapeError(f"teacher features {tuple(features.shape)} and hidden states "
+                             f"{tuple(hidden_states.shape)} have different batch sizes")
+        projected, features = align_temporal(projected, features)
+        grids = (dit_grid, teacher_grid) if (cfg.true_grid and dit_grid and teacher_grid) else (None, None)
+        projected, features = align_tokens(projected, features, spatial_align=cfg.spatial_align,
+                                           projected_grid=grids[0], feature_grid=grids[1])
+        p = nn.functional.normalize(projected, dim=-1)
+        y = nn.functional.normalize(features, dim=-1)
+        total, self_sim = frame_similarity(p, y, distance=cfg.adjacent_distance, tau=cfg.adjacent_tau,
+                                           cumulative=cfg.cumulative_neighbors,
+                                           normalize_neighbour_sum=cfg.normalize_neighbour_sum)
+        objective = per_video_objective(total, cfg.normalize_by_frames)
+        score = total.mean().detach().item()
+        weight, cutoff = self.schedule(step, score)
+        loss = -objective.mean() * weight
+        logs = {
+            "crepa_loss": loss.detach().item(),
+            "crepa_alignment_score": score,
+            "crepa_similarity_self": self_sim.mean().detach().item(),
+            "crepa_weight": weight,
+            "crepa_cutoff": cutoff,
+        }
+        if cfg.similarity_threshold is not None:
+            logs["crepa_alignment_score_ema"] = self.schedule.ema
+        logs.update(facts)
+        return loss, logs
+
+    def _teacher_features(self, latents: Tensor, target_frames: int, dit_grid) -> TeacherFeatures:
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+        result = self.teacher.features(latents, target_frames, dit_grid)
+        result.stats.setdefault("encoder_tier", self.teacher.encoder.tier if hasattr(self.teacher, "encoder") else "cache")
+        result.stats.setdefault("vae_tier", self.teacher.vae.tier if getattr(self.teacher, "vae", None) else "cache")
+        if cuda:
+            result.stats["peak_bytes"] = int(torch.cuda.max_memory_allocated(self.device) - before)
+        return result
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {"projector": self.projector.state_dict(), "schedule": self.schedule.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.projector.load_state_dict(state["projector"])
+        self.schedule.load_state_dict(state.get("schedule", {}))

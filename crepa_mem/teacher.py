@@ -1,0 +1,265 @@
+"""The teacher path: clean latents → pixels → selected frames → DINOv2 tokens, in frame chunks.
+
+Legend: B batch, C latent channels, T latent frames, F pixel frames, H×W pixels, N encoder tokens
+per frame, D encoder width.
+
+Memory effect, in order of size on the reference workload (Wan 14B, 81 frames at 480×832, ViT-g/518):
+- Only the frames that temporal alignment keeps are ever encoded (81 → 21 for Wan): selecting before
+  encoding gives SimpleTuner's loss exactly with about 4× less encoder work and activation.
+- Frames are encoded `frames_per_chunk` images at a time; a chunk's resized pixels and encoder
+  activations are freed before the next chunk is made.
+- Wan's VAE decodes one latent frame at a time with a causal cache (its activation peak does not grow
+  with T). Its stock `decode` then concatenates every frame's pixels (81×3×480×832, twice at the last
+  `torch.cat`). We run the same per-latent-frame loop ourselves, carrying the same cache, and keep only
+  the selected frames as they come: identical pixels, while the full clip is never alive at once.
+  Other VAEs (LTX, HunyuanVideo) decode in one call (their own tiling/slicing bounds them).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import TeacherOutOfMemoryError
+from .loss import temporal_indices
+from .tiers import Placement
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ------------------------------------------------------------------ VAE side
+def vae_compression(vae: nn.Module) -> tuple[int, int]:
+    """(temporal, spatial) compression of a diffusers video VAE."""
+    cfg = vae.config
+    t = getattr(vae, "temporal_compression_ratio", None) or getattr(cfg, "scale_factor_temporal", None) \
+        or getattr(cfg, "temporal_compression_ratio", None)
+    s = getattr(vae, "spatial_compression_ratio", None) or getattr(cfg, "scale_factor_spatial", None) \
+        or getattr(cfg, "spatial_compression_ratio", None)
+    if t is None or s is None:
+        raise ValueError(f"cannot tell the compression of {type(vae).__name__}")
+    return int(t), int(s)
+
+
+def pixel_frames(vae: nn.Module, latent_frames: int) -> int:
+    """Frames a causal video VAE decodes from T latent frames: 1 + t·(T-1)."""
+    return 1 + vae_compression(vae)[0] * (latent_frames - 1)
+
+
+def denormalize_latents(latents_BCThw: Tensor, vae: nn.Module) -> Tensor:
+    """Undo the training-time latent normalisation of each family (REFERENCE §2.2), in fp32."""
+    z = latents_BCThw.float()
+    cfg, name = vae.config, type(vae).__name__
+    shape = (1, z.shape[1]) + (1,) * (z.ndim - 2)
+    if name == "AutoencoderKLLTXVideo":  # buffers; diffusers' LTX pipeline: z·std/sf + mean
+        mean = vae.latents_mean.to(z.device, torch.float32).view(shape)
+        std = vae.latents_std.to(z.device, torch.float32).view(shape)
+        return z * std / float(cfg.scaling_factor) + mean
+    if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
+        mean = torch.tensor(cfg.latents_mean, device=z.device, dtype=torch.float32).view(shape)
+        std = torch.tensor(cfg.latents_std, device=z.device, dtype=torch.float32).view(shape)
+        z = z / float(getattr(cfg, "scaling_factor", None) or 1.0)
+        return z * std + mean
+    z = z / float(getattr(cfg, "scaling_factor", None) or 1.0)
+    shift = getattr(cfg, "shift_factor", None)
+    return z + shift if shift is not None else z
+
+
+def _streams_wan(vae: nn.Module, height: int, width: int) -> bool:
+    if type(vae).__name__ != "AutoencoderKLWan":
+        return False
+    tile_h = vae.tile_sample_min_height // vae.spatial_compression_ratio
+    tile_w = vae.tile_sample_min_width // vae.spatial_compression_ratio
+    return not (vae.use_tiling and (width > tile_w or height > tile_h))
+
+
+def iter_decoded_frames(vae: nn.Module, z_BCThw: Tensor) -> Iterator[Tensor]:
+    """Yields clamped pixels (B, 3, f, H, W) in the VAE's dtype, a few frames at a time, in order.
+
+    `z` is already denormalised and in the VAE's dtype, on the VAE's execution device.
+    """
+    if _streams_wan(vae, z_BCThw.shape[-2], z_BCThw.shape[-1]):
+        # Same loop as AutoencoderKLWan._decode, minus the growing torch.cat (diffusers 0.42).
+        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+        vae.clear_cache()
+        try:
+            x = vae.post_quant_conv(z_BCThw)
+            for i in range(x.shape[2]):
+                vae._conv_idx = [0]
+                kwargs = {"first_chunk": True} if i == 0 else {}
+                out = vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, **kwargs)
+                if vae.config.patch_size is not None:
+                    out = unpatchify(out, patch_size=vae.config.patch_size)
+                yield out.clamp(-1.0, 1.0)
+        finally:
+            vae.clear_cache()
+        return
+    if type(vae).__name__ == "AutoencoderKLLTXVideo" and getattr(vae.config, "timestep_conditioning", False):
+        # Clean latents: decode timestep 0.
+        temb = torch.zeros(z_BCThw.shape[0], device=z_BCThw.device, dtype=z_BCThw.dtype)
+        yield vae.decode(z_BCThw, temb).sample.clamp(-1.0, 1.0)
+        return
+    yield vae.decode(z_BCThw).sample.clamp(-1.0, 1.0)
+
+
+# ------------------------------------------------------------------ encoder side
+def encoder_dim(encoder: nn.Module) -> int:
+    """Output width of a transformers Dinov2Model or a torch.hub DINOv2 (`embed_dim`)."""
+    cfg = getattr(encoder, "config", None)
+    if cfg is not None and getattr(cfg, "hidden_size", None):
+        return int(cfg.hidden_size)
+    if getattr(encoder, "embed_dim", None):
+        return int(encoder.embed_dim)
+    raise ValueError(f"cannot tell the output width of encoder {type(encoder).__name__}")
+
+
+def encoder_patch_size(encoder: nn.Module) -> int:
+    cfg = getattr(encoder, "config", None)
+    if cfg is not None and getattr(cfg, "patch_size", None):
+        return int(cfg.patch_size)
+    pe = getattr(encoder, "patch_embed", None)
+    size = getattr(pe, "patch_size", 14)
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def encode_tokens(encoder: nn.Module, images: Tensor) -> Tensor:
+    """Patch tokens after the final LayerNorm: (n, 3, h, w) → (n, N, D)."""
+    if hasattr(encoder, "forward_features"):  # torch.hub DINOv2
+        return encoder.forward_features(images)["x_norm_patchtokens"]
+    out = encoder(pixel_values=images)
+    skip = 1 + int(getattr(encoder.config, "num_register_tokens", 0) or 0)
+    return out.last_hidden_state[:, skip:]
+
+
+def module_dtype(module: nn.Module) -> torch.dtype:
+    for p in module.parameters():
+        return p.dtype
+    return torch.float32
+
+
+def prepare_images(frames_n3HW: Tensor, size: tuple[int, int], encoder_dtype: torch.dtype) -> Tensor:
+    """[-1, 1] pixels → [0, 1] → bilinear resize in the VAE dtype → encoder dtype → ImageNet norm."""
+    x = (frames_n3HW + 1.0) * 0.5
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False).to(encoder_dtype)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+# ------------------------------------------------------------------ the path
+@dataclass
+class TeacherFeatures:
+    """Encoder tokens of the selected frames, with what it took to make them."""
+
+    features: Tensor                      # (B, T_sel, N, D) on the compute device
+    grid: tuple[int, int]                 # encoder token grid (h, w)
+    frame_indices: list[int]              # pixel frames kept (temporal alignment)
+    pixel_frames: int                     # F decoded
+    stats: dict = field(default_factory=dict)
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError)
+
+
+class TeacherPath:
+    """decode → select frames → resize/normalise → encode, streamed in chunks of frames."""
+
+    def __init__(self, *, vae: Placement | None, encoder: Placement, image_size: int | tuple[int, int],
+                 compute_device: torch.device | str, frames_per_chunk: int | None = None,
+                 true_grid: bool = False, on_chunk: Callable[[int], None] | None = None):
+        self.vae, self.encoder = vae, encoder
+        self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        self.compute_device = torch.device(compute_device)
+        self.frames_per_chunk = frames_per_chunk if frames_per_chunk and frames_per_chunk > 0 else None
+        self.true_grid = true_grid
+        self.on_chunk = on_chunk  # test seam: called before each encoder chunk with its image count
+
+    def input_size(self, dit_grid: tuple[int, int] | None) -> tuple[int, int]:
+        """Encoder input size: (S, S), or (h'·patch, w'·patch) in true-grid mode."""
+        if self.true_grid and dit_grid is not None:
+            p = encoder_patch_size(self.encoder.module)
+            return dit_grid[0] * p, dit_grid[1] * p
+        return self.image_size
+
+    @torch.no_grad()
+    def features(self, latents_BCThw: Tensor, target_frames: int,
+                 dit_grid: tuple[int, int] | None = None) -> TeacherFeatures:
+        """Tokens of the pixel frames SimpleTuner would keep for `target_frames` DiT frames."""
+        if self.vae is None:
+            raise ValueError("the teacher path needs a VAE (or a feature cache) to see pixels")
+        vae_mod = self.vae.module
+        num_pixel = pixel_frames(vae_mod, latents_BCThw.shape[2])
+        keep = temporal_indices(num_pixel, target_frames).tolist() if num_pixel > target_frames \
+            else list(range(num_pixel))
+        slot_of = {f: i for i, f in enumerate(keep)}
+        size = self.input_size(dit_grid)
+        enc_dtype = module_dtype(self.encoder.module)
+        batch = latents_BCThw.shape[0]
+        chunk = self.frames_per_chunk or batch * len(keep)
+        stats = {"chunk_frames": chunk, "retries": 0, "encoder_calls": 0, "frames_encoded": 0}
+        out: Tensor | None = None
+        pending: list[tuple[int, int, Tensor]] = []  # (batch index, slot, frame (3, H, W))
+
+        def flush(encode, final: bool) -> None:
+            nonlocal out, chunk
+            while pending and (final or len(pending) >= chunk):
+                take = min(chunk, len(pending))
+                group = pending[:take]
+                try:
+                    tokens = encode([g[2] for g in group])
+                except Exception as err:  # noqa: BLE001 - only OOM is retried
+                    if not _is_oom(err):
+                        raise
+                    if take == 1:
+                        raise TeacherOutOfMemoryError(
+                            f"out of memory encoding one frame (encoder tier {self.encoder.tier}, "
+                            f"VAE tier {self.vae.tier}, chunk tried down to 1 frame from "
+                            f"{self.frames_per_chunk or 'all'}); run `crepa-mem doctor --log` on this "
+                            f"traceback, or `crepa-mem plan` for a configuration that fits") from err
+                    chunk = max(1, take // 2)
+                    stats["retries"] += 1
+                    stats["chunk_frames"] = chunk
+                    continue
+                del pending[:take]
+                if out is None:
+                    out = torch.empty(batch, len(keep), tokens.shape[1], tokens.shape[2],
+                                      dtype=tokens.dtype, device=self.compute_device)
+                for (b, slot, _), tok in zip(group, tokens):
+                    out[b, slot] = tok
+                stats["encoder_calls"] += 1
+                stats["frames_encoded"] += take
+
+        # Both components stay active for the whole teacher step (a swap tier moves each once).
+        with self.encoder.active() as encoder:
+            encode = lambda frames: self._encode(encoder, frames, size, enc_dtype)  # noqa: E731
+            z = denormalize_latents(latents_BCThw.to(self.vae.exec_device), vae_mod).to(module_dtype(vae_mod))
+            start = 0
+            with self.vae.active() as vae:
+                for pixels in iter_decoded_frames(vae, z):
+                    for j in range(pixels.shape[2]):
+                        slot = slot_of.get(start + j)
+                        if slot is not None:  # keep a copy of the selected frame only; the rest is freed
+                            for b in range(batch):
+                                pending.append((b, slot, pixels[b, :, j].clone()))
+                    start += pixels.shape[2]
+                    del pixels
+                    flush(encode, final=False)
+            del z
+            flush(encode, final=True)
+        assert out is not None
+        p = encoder_patch_size(self.encoder.module)
+        grid = (size[0] // p, size[1] // p)
+        return TeacherFeatures(out, grid, keep, num_pixel, stats)
+
+    def _encode(self, encoder: nn.Module, frames: list[Tensor], size: tuple[int, int],
+                enc_dtype: torch.dtype) -> Tensor:
+        if self.on_chunk is not None:
+            self.on_chunk(len(frames))
+        images = torch.stack(frames).to(self.encoder.exec_device)
+        tokens = encode_tokens(encoder, prepare_images(images, size, enc_dtype))
+        return tokens.to(self.compute_device)
