@@ -35,13 +35,16 @@ def load_encoder(name: str, *, path: str | os.PathLike | None = None, dtype: str
 
     source = Path(path) if path else (Path(name) if Path(name).is_dir() else None)
     try:
-        if source is not None:
-            model = AutoModel.from_pretrained(str(source), torch_dtype=DTYPES[dtype])
-        else:
+        if source is None:
+            # Resolve the cached snapshot ourselves: from_pretrained with a hub id can still reach
+            # for the network (and hang until a timeout) on machines without it.
+            from huggingface_hub import snapshot_download
+
             hub_id = hub_id_for(name)
-            model = AutoModel.from_pretrained(hub_id, torch_dtype=DTYPES[dtype], local_files_only=True)
+            source = Path(snapshot_download(hub_id, local_files_only=True))
+        model = AutoModel.from_pretrained(str(source), dtype=DTYPES[dtype])
     except (OSError, ValueError) as err:
-        where = str(source) if source is not None else f"{hub_id} in the Hugging Face cache ({_hub_cache()})"
+        where = str(source) if source is not None else f"{hub_id_for(name)} in the Hugging Face cache ({_hub_cache()})"
         raise EncoderNotAvailableError(
             f"encoder {name!r} is not available: {where} has no loadable weights. On a machine with "
             f"internet run `huggingface-cli download {hub_id_for(name) if source is None else name}` "

@@ -58,6 +58,11 @@ class CrepaRegularizer:
             dim = hidden_size
         elif teacher is not None:
             dim = teacher.encoder_dim
+        elif cfg.feature_cache is not None and "cache" in (cfg.encoder_tier, cfg.vae_tier):
+            from .cache import FeatureCacheTeacher  # no encoder and no VAE in memory
+
+            self.teacher = FeatureCacheTeacher.open(cfg.feature_cache, cfg, compute_device=self.device)
+            dim = self.teacher.encoder_dim
         else:
             if encoder is None:
                 from .encoders import load_encoder

@@ -1,0 +1,146 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from crepa_mem.loss import (LambdaSchedule, align_temporal, align_tokens, build_projector, frame_similarity,
+                            neighbour_offsets, per_video_objective, project, resample_grid, resample_tokens,
+                            temporal_indices)
+from simpletuner_reference import st_interp, st_lambda, st_loss, st_scores
+
+
+def _normed(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=-1)
+
+
+def test_simpletuner_test_vector():
+    # 4 identical unit frames, 1 token, d=1, tau=1: score 1 + 1.5/e, loss -0.5 (1 + 1.5/e)
+    x = torch.ones(1, 4, 1, 3) / math.sqrt(3)
+    total, selfs = frame_similarity(x, x, distance=1, tau=1.0, cumulative=False, normalize_neighbour_sum=False)
+    assert total.mean().item() == pytest.approx(1 + 1.5 * math.exp(-1), rel=1e-6)
+    loss = -0.5 * per_video_objective(total, True).mean()
+    assert loss.item() == pytest.approx(-0.5 * (1 + 1.5 * math.exp(-1)), rel=1e-6)
+    total, _ = frame_similarity(x, x, distance=1, tau=1.0, cumulative=False, normalize_neighbour_sum=True)
+    assert total.mean().item() == pytest.approx(1.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("distance", [0, 1, 2, 5, 10])
+@pytest.mark.parametrize("cumulative", [False, True])
+@pytest.mark.parametrize("normalize_neighbour_sum", [False, True])
+@pytest.mark.parametrize("tau", [0.5, 1.0, 3.0])
+def test_frame_similarity_matches_the_loop_formula(distance, cumulative, normalize_neighbour_sum, tau):
+    p, y = _normed(2, 6, 5, 8, seed=1), _normed(2, 6, 5, 8, seed=2)
+    total, selfs = frame_similarity(p, y, distance=distance, tau=tau, cumulative=cumulative,
+                                    normalize_neighbour_sum=normalize_neighbour_sum)
+    ref_total, ref_self = st_scores(p, y, distance=distance, tau=tau, cumulative=cumulative,
+                                    normalize_neighbour_sum=normalize_neighbour_sum)
+    torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(selfs, ref_self, rtol=1e-5, atol=1e-6)
+
+
+def test_neighbour_offsets():
+    assert neighbour_offsets(1, 4, False) == [1]
+    assert neighbour_offsets(3, 4, True) == [1, 2, 3]
+    assert neighbour_offsets(9, 4, False) == [3]  # d = min(distance, T-1)
+    assert neighbour_offsets(0, 4, True) == []
+    assert neighbour_offsets(2, 1, False) == []
+
+
+def test_temporal_indices_wan():
+    idx = temporal_indices(81, 21)
+    assert idx.tolist() == list(range(0, 81, 4))
+
+
+@pytest.mark.parametrize("tp,tf", [(21, 81), (5, 3), (4, 4)])
+def test_align_temporal_subsamples_the_longer_side(tp, tf):
+    p, y = torch.randn(1, tp, 2, 3), torch.randn(1, tf, 2, 3)
+    ap, ay = align_temporal(p, y)
+    assert ap.shape[1] == ay.shape[1] == min(tp, tf)
+
+
+@pytest.mark.parametrize("n,target", [(16, 9), (1369, 1560), (1560, 1369), (24, 16), (12, 7)])
+def test_resample_tokens_matches_simpletuner(n, target):
+    x = torch.randn(2, 3, n, 4)
+    t = min(n, target)
+    torch.testing.assert_close(resample_tokens(x, t), st_interp(x, t))
+
+
+def test_align_tokens_pools_without_spatial_align():
+    p, y = torch.randn(1, 2, 6, 4), torch.randn(1, 2, 9, 4)
+    ap, ay = align_tokens(p, y, spatial_align=False)
+    assert ap.shape == ay.shape == (1, 2, 1, 4)
+    torch.testing.assert_close(ap, p.mean(2, keepdim=True))
+
+
+def test_true_grid_resampling_uses_the_real_grid():
+    # a 2×4 grid whose value is its column index: resampled to 2×2 keeps the left-to-right ramp
+    grid = torch.arange(4.0).repeat(2).view(1, 1, 8, 1)
+    out = resample_grid(grid, (2, 4), (2, 2)).view(2, 2)
+    assert (out[:, 1] > out[:, 0]).all() and torch.allclose(out[0], out[1])
+    p, y = torch.randn(1, 2, 8, 3), torch.randn(1, 2, 4, 3)
+    ap, ay = align_tokens(p, y, spatial_align=True, projected_grid=(2, 4), feature_grid=(2, 2))
+    assert ap.shape == ay.shape == (1, 2, 4, 3)
+
+
+def test_projector_layout_and_dtype():
+    proj = build_projector(16, 8)
+    assert list(proj.state_dict()) == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    out = project(proj, torch.randn(2, 3, 4, 16, dtype=torch.bfloat16))
+    assert out.shape == (2, 3, 4, 8) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("scheduler", ["constant", "linear", "cosine", "polynomial"])
+@pytest.mark.parametrize("warmup", [0, 10])
+def test_schedule_matches_formula(scheduler, warmup):
+    sched = LambdaSchedule(lambda_=0.5, scheduler=scheduler, warmup_steps=warmup, decay_steps=100,
+                           lambda_end=0.1, power=2.0)
+    for step in [0, 5, 10, 50, 99, 100, 150]:
+        lam, cut = sched(step, 0.3)
+        assert not cut
+        assert lam == pytest.approx(st_lambda(step, lam=0.5, scheduler=scheduler, warmup=warmup, decay=100,
+                                              end=0.1, power=2.0))
+
+
+def test_schedule_decay_zero_uses_max_train_steps():
+    sched = LambdaSchedule(lambda_=1.0, scheduler="linear", decay_steps=0, max_train_steps=10)
+    assert sched(5, 0.0)[0] == pytest.approx(0.5)
+
+
+def test_cutoff_step_and_thresholds():
+    sched = LambdaSchedule(lambda_=0.5, cutoff_step=3)
+    assert [sched(s, 0.1) for s in range(5)] == [(0.5, False)] * 3 + [(0.0, True)] * 2
+    perm = LambdaSchedule(lambda_=0.5, similarity_threshold=0.8, similarity_ema_decay=0.0)
+    assert perm(0, 0.9) == (0.0, True)
+    assert perm(1, 0.1) == (0.0, True)  # latched
+    rec = LambdaSchedule(lambda_=0.5, similarity_threshold=0.8, similarity_ema_decay=0.0,
+                         threshold_mode="recoverable")
+    assert rec(0, 0.9) == (0.0, True)
+    assert rec(1, 0.1) == (0.5, False)  # recovered
+
+
+def test_ema_first_call_sets_it_then_decays():
+    sched = LambdaSchedule(lambda_=0.5, similarity_threshold=0.99, similarity_ema_decay=0.9)
+    sched(0, 0.5)
+    assert sched.ema == 0.5
+    sched(1, 1.0)
+    assert sched.ema == pytest.approx(0.9 * 0.5 + 0.1 * 1.0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(frames=st.integers(1, 7), tokens=st.integers(1, 5), distance=st.integers(0, 4),
+       tau=st.floats(0.1, 5.0), cumulative=st.booleans(), seed=st.integers(0, 10_000))
+def test_invariants(frames, tokens, distance, tau, cumulative, seed):
+    p, y = _normed(1, frames, tokens, 4, seed=seed), _normed(1, frames, tokens, 4, seed=seed + 1)
+    total, selfs = frame_similarity(p, y, distance=distance, tau=tau, cumulative=cumulative,
+                                    normalize_neighbour_sum=True)
+    # with normalised neighbour sums each S(f) is a weighted mean of cosines: within [-1, 1]
+    assert (total.abs() <= 1 + 1e-5).all()
+    # identical inputs align perfectly with the normalised sum
+    same, _ = frame_similarity(p, p, distance=distance, tau=tau, cumulative=cumulative,
+                               normalize_neighbour_sum=False)
+    assert (selfs.abs() <= 1 + 1e-5).all()
+    if distance == 0 or frames == 1:
+        torch.testing.assert_close(same, torch.ones_like(same))

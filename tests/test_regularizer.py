@@ -1,0 +1,209 @@
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from crepa_mem import CrepaConfig, CrepaConfigError, CrepaRegularizer
+from crepa_mem.errors import EncoderNotAvailableError, ShapeError
+from crepa_mem.testing import tiny_dinov2, tiny_vae
+from simpletuner_reference import st_decode, st_encode, st_lambda, st_loss, st_scores
+
+D_DIT = 24
+
+
+def _setup(seed=0, batch=2, frames=3, hw=(4, 4), tokens=None):
+    g = torch.Generator().manual_seed(seed)
+    lat = torch.randn(batch, 16, frames, *hw, generator=g)
+    p = tokens or (hw[0] // 2) * (hw[1] // 2)
+    hidden = torch.randn(batch, frames, p, D_DIT, generator=g, requires_grad=True)
+    return lat, hidden
+
+
+def _reference(reg, vae, enc, hidden, lat, cfg, step=0, max_train_steps=None):
+    """SimpleTuner's recipe with the same projector: returns (loss, score, self)."""
+    proj = reg.projector(hidden.float().reshape(-1, D_DIT)).view(*hidden.shape[:3], -1)
+    feats = st_encode(enc, st_decode(vae, lat), cfg.encoder_image_size)
+    total, selfs = st_scores(proj, feats, distance=cfg.adjacent_distance, tau=cfg.adjacent_tau,
+                             cumulative=cfg.cumulative_neighbors,
+                             normalize_neighbour_sum=cfg.normalize_neighbour_sum, spatial_align=cfg.spatial_align)
+    decay = cfg.decay_steps or (max_train_steps or 0)
+    lam = st_lambda(step, lam=cfg.lambda_, scheduler=cfg.scheduler, warmup=cfg.warmup_steps, decay=decay,
+                    end=cfg.lambda_end, power=cfg.power)
+    return st_loss(total, lam, cfg.normalize_by_frames), total.mean().item(), selfs.mean().item()
+
+
+OPTIONS = [
+    {},
+    {"crepa_adjacent_distance": 0},
+    {"crepa_adjacent_distance": 2, "crepa_cumulative_neighbors": True},
+    {"crepa_adjacent_distance": 3},
+    {"crepa_adjacent_tau": 0.3},
+    {"crepa_normalize_by_frames": False},
+    {"crepa_normalize_neighbour_sum": True},
+    {"crepa_spatial_align": False},
+    {"crepa_encoder_image_size": 84},  # 6×6 encoder grid vs 2×2 DiT grid: 2-D bilinear
+    {"crepa_encoder_frames_batch_size": 2},
+    {"crepa_lambda": 1.3},
+]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k[6:]}={v}" for k, v in o.items()) or "defaults")
+def test_loss_logs_and_gradient_match_simpletuner(options):
+    cfg = CrepaConfig.from_dict({"crepa_enabled": True, "crepa_encoder_image_size": 70, **options})
+    vae, enc = tiny_vae("wan"), tiny_dinov2()
+    reg = CrepaRegularizer(cfg, hidden_size=D_DIT, encoder=enc, vae=vae, device="cpu")
+    lat, hidden = _setup()
+    loss, logs = reg.compute_loss(hidden, lat, step=0)
+    (grad_ours,) = torch.autograd.grad(loss, hidden)
+    ref_loss, score, selfs = _reference(reg, vae, enc, hidden, lat, cfg)
+    (grad_ref,) = torch.autograd.grad(ref_loss, hidden)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad_ours, grad_ref, rtol=1e-5, atol=1e-8)
+    assert logs["crepa_loss"] == pytest.approx(ref_loss.item(), rel=1e-5)
+    assert logs["crepa_alignment_score"] == pytest.approx(score, rel=1e-5, abs=1e-7)
+    assert logs["crepa_similarity_self"] == pytest.approx(selfs, rel=1e-5, abs=1e-7)
+    assert logs["crepa_weight"] == cfg.lambda_ and logs["crepa_cutoff"] is False
+
+
+def test_non_square_grids_use_1d_linear_like_simpletuner():
+    cfg = CrepaConfig(enabled=True, encoder_image_size=70)
+    vae, enc = tiny_vae("wan"), tiny_dinov2()
+    reg = CrepaRegularizer(cfg, hidden_size=D_DIT, encoder=enc, vae=vae, device="cpu")
+    lat, hidden = _setup(hw=(4, 6))  # DiT 2×3 = 6 tokens vs encoder 2×2 = 4
+    loss, _ = reg.compute_loss(hidden, lat)
+    torch.testing.assert_close(loss, _reference(reg, vae, enc, hidden, lat, cfg)[0], rtol=1e-5, atol=1e-7)
+
+
+def test_true_grid_is_opt_in_and_changes_only_alignment():
+    vae, enc = tiny_vae("wan"), tiny_dinov2()
+    lat, hidden = _setup(hw=(4, 6))
+    reg = CrepaRegularizer(CrepaConfig(true_grid=True), hidden_size=D_DIT, encoder=enc, vae=vae, device="cpu")
+    loss, logs = reg.compute_loss(hidden, lat, dit_grid=(2, 3))
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("scheduler", ["linear", "cosine", "polynomial"])
+def test_scheduler_through_compute_loss(scheduler):
+    cfg = CrepaConfig(enabled=True, encoder_image_size=70, scheduler=scheduler, warmup_steps=2, decay_steps=6,
+                      lambda_end=0.1, power=2.0)
+    vae, enc = tiny_vae("wan"), tiny_dinov2()
+    reg = CrepaRegularizer(cfg, hidden_size=D_DIT, encoder=enc, vae=vae, device="cpu")
+    lat, hidden = _setup(batch=1)
+    for step in [0, 1, 3, 6, 9]:
+        loss, logs = reg.compute_loss(hidden, lat, step=step)
+        ref, _, _ = _reference(reg, vae, enc, hidden, lat, cfg, step=step)
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_similarity_threshold_logs_ema_and_cuts_off():
+    cfg = CrepaConfig(enabled=True, encoder_image_size=70, similarity_threshold=0.0, similarity_ema_decay=0.5)
+    reg = CrepaRegularizer(cfg, hidden_size=D_DIT, encoder=tiny_dinov2(), vae=tiny_vae("wan"), device="cpu")
+    lat, hidden = _setup(batch=1)
+    loss, logs = reg.compute_loss(hidden, lat, step=0)
+    assert "crepa_alignment_score_ema" in logs
+    if logs["crepa_alignment_score_ema"] >= 0.0:
+        assert logs["crepa_cutoff"] and logs["crepa_weight"] == 0.0 and loss.item() == 0.0
+
+
+def test_backbone_mode_needs_no_encoder_and_matches_formula():
+    cfg = CrepaConfig(enabled=True, use_backbone_features=True, teacher_block_index=2)
+    reg = CrepaRegularizer(cfg, hidden_size=D_DIT, device="cpu")
+    assert reg.encoder_dim == D_DIT and reg.teacher is None
+    _, hidden = _setup()
+    teacher = torch.randn_like(hidden)
+    loss, logs = reg.compute_loss(hidden, None, frame_features=teacher)
+    proj = reg.projector(hidden.float().reshape(-1, D_DIT)).view(*hidden.shape[:3], -1)
+    total, _ = st_scores(proj, teacher)
+    torch.testing.assert_close(loss, st_loss(total, 0.5), rtol=1e-5, atol=1e-7)
+
+
+def test_simpletuner_test_vector_through_the_regularizer():
+    reg = CrepaRegularizer(CrepaConfig(use_backbone_features=True), hidden_size=4, device="cpu")
+    with torch.no_grad():
+        reg.projector[0].weight.fill_(1.0)
+        reg.projector[0].bias.zero_()
+        reg.projector[1].weight.copy_(torch.eye(4))
+        reg.projector[1].bias.zero_()
+    h = torch.tensor([1.0, -1.0, 1.0, -1.0]).view(1, 1, 1, 4).repeat(1, 4, 1, 1)
+    loss, logs = reg.compute_loss(h, None, frame_features=h)
+    assert loss.item() == pytest.approx(-0.5 * (1 + 1.5 * math.exp(-1)), rel=1e-6)
+    assert logs["crepa_alignment_score"] == pytest.approx(1 + 1.5 * math.exp(-1), rel=1e-6)
+
+
+def test_lambda_zero_gives_no_loss():
+    reg = CrepaRegularizer(CrepaConfig(use_backbone_features=True, lambda_=0.0), hidden_size=4, device="cpu")
+    assert reg.compute_loss(torch.randn(1, 2, 1, 4), None, frame_features=torch.randn(1, 2, 1, 4)) == (None, None)
+
+
+def test_nonfinite_teacher_features_skip_the_step_and_warn_once():
+    reg = CrepaRegularizer(CrepaConfig(use_backbone_features=True), hidden_size=4, device="cpu")
+    bad = torch.full((1, 2, 1, 4), float("nan"))
+    with pytest.warns(RuntimeWarning, match="NaN"):
+        loss, logs = reg.compute_loss(torch.randn(1, 2, 1, 4), None, frame_features=bad)
+    assert loss is None and logs["crepa_skipped"] is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert reg.compute_loss(torch.randn(1, 2, 1, 4), None, frame_features=bad)[0] is None
+
+
+def test_shape_mismatch_names_both_shapes():
+    reg = CrepaRegularizer(CrepaConfig(encoder_image_size=70), hidden_size=D_DIT, encoder=tiny_dinov2(),
+                           vae=tiny_vae("wan"), device="cpu")
+    lat, hidden = _setup(batch=2)
+    with pytest.raises(ShapeError, match=r"\(1, 16, 3, 4, 4\).*\(2, 3, 4, 24\)"):
+        reg.compute_loss(hidden, lat[:1])
+
+
+def test_hidden_size_must_be_known():
+    with pytest.raises(CrepaConfigError, match="unable to infer transformer hidden size"):
+        CrepaRegularizer(CrepaConfig(use_backbone_features=True), hidden_size=0, device="cpu")
+
+
+def test_encoder_loads_from_a_local_directory(tmp_path):
+    tiny_dinov2(registers=True).save_pretrained(tmp_path / "enc")
+    cfg = CrepaConfig(encoder=str(tmp_path / "enc"), encoder_image_size=70, encoder_dtype="bf16")
+    reg = CrepaRegularizer(cfg, hidden_size=D_DIT, vae=tiny_vae("wan"), device="cpu")
+    assert reg.encoder_dim == 32
+    assert next(reg.teacher.encoder.module.parameters()).dtype == torch.bfloat16
+    lat, hidden = _setup(batch=1)
+    loss, _ = reg.compute_loss(hidden, lat)
+    assert torch.isfinite(loss)
+
+
+def test_missing_encoder_weights_say_what_to_fetch(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    from crepa_mem.encoders import load_encoder
+
+    with pytest.raises(EncoderNotAvailableError, match="facebook/dinov2-small"):
+        load_encoder("dinov2_vits14")
+
+
+def test_hub_style_encoder_with_forward_features_is_accepted():
+    inner = tiny_dinov2()
+
+    class HubStyle(nn.Module):  # torch.hub DINOv2's interface
+        embed_dim = 32
+
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def forward_features(self, x):
+            return {"x_norm_patchtokens": self.inner(pixel_values=x).last_hidden_state[:, 1:]}
+
+    vae = tiny_vae("wan")
+    lat, hidden = _setup(batch=1)
+    cfg = CrepaConfig(encoder_image_size=70)
+    a = CrepaRegularizer(cfg, hidden_size=D_DIT, encoder=HubStyle(), vae=vae, device="cpu")
+    b = CrepaRegularizer(cfg, hidden_size=D_DIT, encoder=inner, vae=vae, device="cpu")
+    b.projector.load_state_dict(a.projector.state_dict())
+    torch.testing.assert_close(a.compute_loss(hidden, lat)[0], b.compute_loss(hidden, lat)[0])
+
+
+def test_projector_state_dict_is_simpletuners():
+    reg = CrepaRegularizer(CrepaConfig(use_backbone_features=True), hidden_size=8, device="cpu")
+    assert set(reg.projector.state_dict()) == {"0.weight", "0.bias", "1.weight", "1.bias"}
+    assert reg.projector[1].weight.dtype == torch.float32

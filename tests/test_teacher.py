@@ -1,0 +1,141 @@
+import pytest
+import torch
+
+from crepa_mem.errors import TeacherOutOfMemoryError
+from crepa_mem.teacher import (TeacherPath, denormalize_latents, iter_decoded_frames, pixel_frames,
+                               vae_compression)
+from crepa_mem.testing import tiny_dinov2, tiny_vae
+from crepa_mem.tiers import place
+from simpletuner_reference import st_decode, st_encode
+
+LATENT_HW = {"wan": (4, 4), "wan2.2": (2, 2), "ltxvideo": (1, 1), "sanavideo": (4, 4), "kandinsky5_video": (4, 4)}
+
+
+def _latents(vae, frames=3, batch=1, seed=0):
+    h, w = LATENT_HW.get(type(vae).__name__, None) or (2, 2)
+    ch = int(vae.config.get("z_dim") or vae.config["latent_channels"])
+    return torch.randn(batch, ch, frames, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def _path(vae, encoder, size=28, chunk=None, **kw):
+    return TeacherPath(vae=place(vae, "gpu", compute_device="cpu"), encoder=place(encoder, "gpu", compute_device="cpu"),
+                       image_size=size, compute_device="cpu", frames_per_chunk=chunk, **kw)
+
+
+@pytest.mark.parametrize("family", ["wan", "wan2.2", "ltxvideo", "kandinsky5_video"])
+def test_streamed_decode_equals_stock_decode(family):
+    vae = tiny_vae(family)
+    h, w = LATENT_HW[family]
+    ch = int(vae.config.get("z_dim") or vae.config["latent_channels"])
+    z = denormalize_latents(torch.randn(1, ch, 3, h, w), vae)
+    with torch.no_grad():
+        ref = vae.decode(z).sample.clamp(-1, 1)
+        mine = torch.cat(list(iter_decoded_frames(vae, z)), dim=2)
+    assert mine.shape[2] == pixel_frames(vae, 3) == 1 + vae_compression(vae)[0] * 2
+    torch.testing.assert_close(mine, ref, rtol=0, atol=0)
+
+
+def test_wan_decode_streams_one_latent_frame_at_a_time():
+    vae = tiny_vae("wan")
+    with torch.no_grad():
+        sizes = [x.shape[2] for x in iter_decoded_frames(vae, torch.randn(1, 16, 4, 4, 4))]
+    assert sizes == [1, 4, 4, 4]
+
+
+@pytest.mark.parametrize("family", ["wan", "wan2.2", "ltxvideo", "kandinsky5_video"])
+@pytest.mark.parametrize("registers", [False, True])
+def test_select_then_encode_equals_simpletuner_encode_all_then_select(family, registers):
+    vae, enc = tiny_vae(family), tiny_dinov2(registers=registers)
+    lat = _latents(vae, frames=3, batch=2)
+    h, w = LATENT_HW[family]
+    lat = torch.randn(2, lat.shape[1], 3, h, w, generator=torch.Generator().manual_seed(3))
+    target = 3  # DiT frames: patch_t = 1 for every family
+    ours = _path(vae, enc).features(lat, target)
+    all_frames = st_encode(enc, st_decode(vae, lat), 28)
+    ref = all_frames[:, torch.linspace(0, all_frames.shape[1] - 1, target).long()]
+    assert ours.frame_indices == torch.linspace(0, ours.pixel_frames - 1, target).long().tolist()
+    assert ours.stats["frames_encoded"] == 2 * target < 2 * ours.pixel_frames
+    torch.testing.assert_close(ours.features, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 64])
+def test_chunked_equals_all_at_once(chunk):
+    vae, enc = tiny_vae("wan"), tiny_dinov2()
+    lat = torch.randn(2, 16, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    whole = _path(vae, enc).features(lat, 4)
+    seen = []
+    part = _path(vae, enc, chunk=chunk, on_chunk=seen.append).features(lat, 4)
+    torch.testing.assert_close(part.features, whole.features, rtol=1e-5, atol=1e-6)
+    assert max(seen) <= chunk and sum(seen) == 8
+
+
+def test_oom_halves_the_chunk_and_keeps_earlier_chunks():
+    vae, enc = tiny_vae("wan"), tiny_dinov2()
+    lat = torch.randn(1, 16, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+    whole = _path(vae, enc).features(lat, 4)
+    calls = []
+
+    def fail_big(n):
+        calls.append(n)
+        if n > 1 and len(calls) > 1:  # the first chunk succeeds, later ones OOM until 1 frame
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    got = _path(vae, enc, chunk=2, on_chunk=fail_big).features(lat, 4)
+    torch.testing.assert_close(got.features, whole.features)
+    assert got.stats["retries"] == 1 and got.stats["chunk_frames"] == 1
+    assert calls[0] == 2 and calls[1] == 2 and set(calls[2:]) == {1}
+
+
+def test_oom_at_one_frame_names_tiers_and_doctor():
+    vae, enc = tiny_vae("wan"), tiny_dinov2()
+
+    def always(n):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(TeacherOutOfMemoryError, match="crepa-mem doctor") as err:
+        _path(vae, enc, chunk=4, on_chunk=always).features(torch.randn(1, 16, 2, 4, 4), 2)
+    assert "encoder tier gpu" in str(err.value) and "VAE tier gpu" in str(err.value)
+
+
+def test_other_errors_are_not_retried():
+    vae, enc = tiny_vae("wan"), tiny_dinov2()
+
+    def boom(n):
+        raise RuntimeError("not memory")
+
+    with pytest.raises(RuntimeError, match="not memory"):
+        _path(vae, enc, chunk=4, on_chunk=boom).features(torch.randn(1, 16, 2, 4, 4), 2)
+
+
+def test_true_grid_sizes_the_encoder_input_to_the_dit_grid():
+    vae, enc = tiny_vae("wan"), tiny_dinov2()
+    out = _path(vae, enc, true_grid=True).features(torch.randn(1, 16, 2, 4, 6), 2, dit_grid=(2, 3))
+    assert out.grid == (2, 3) and out.features.shape[2] == 6
+
+
+def test_fewer_pixel_frames_than_dit_frames_keeps_all():
+    vae, enc = tiny_vae("wan"), tiny_dinov2()
+    out = _path(vae, enc).features(torch.randn(1, 16, 2, 4, 4), target_frames=9)
+    assert out.frame_indices == list(range(5))
+
+
+def test_denormalize_per_family():
+    z = torch.ones(1, 16, 1, 1, 1)
+    wan = tiny_vae("wan")
+    expect = torch.tensor(wan.config.latents_std) + torch.tensor(wan.config.latents_mean)
+    torch.testing.assert_close(denormalize_latents(z, wan).flatten(), expect)
+    hv = tiny_vae("kandinsky5_video")
+    torch.testing.assert_close(denormalize_latents(z, hv), z / hv.config.scaling_factor)
+    ltx = tiny_vae("ltxvideo")
+    with torch.no_grad():
+        ltx.latents_std.fill_(2.0)
+        ltx.latents_mean.fill_(0.5)
+    z = torch.ones(1, 128, 1, 1, 1)
+    torch.testing.assert_close(denormalize_latents(z, ltx), z * 2.0 / ltx.config.scaling_factor + 0.5)
+
+
+def test_ltx_timestep_conditioned_decoder_runs_with_a_zero_timestep():
+    vae = tiny_vae("ltxvideo", timestep_conditioning=True)
+    with torch.no_grad():
+        frames = list(iter_decoded_frames(vae, torch.randn(1, 128, 2, 1, 1)))
+    assert frames[0].shape[2] == pixel_frames(vae, 2)
