@@ -33,15 +33,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # ------------------------------------------------------------------ VAE side
 def vae_compression(vae: nn.Module) -> tuple[int, int]:
-    """(temporal, spatial) compression of a diffusers video VAE."""
+    """(temporal, spatial) compression of a diffusers video VAE, read from its config/attributes."""
     cfg = vae.config
-    t = getattr(vae, "temporal_compression_ratio", None) or getattr(cfg, "scale_factor_temporal", None) \
-        or getattr(cfg, "temporal_compression_ratio", None)
-    s = getattr(vae, "spatial_compression_ratio", None) or getattr(cfg, "scale_factor_spatial", None) \
-        or getattr(cfg, "spatial_compression_ratio", None)
-    if t is None or s is None:
-        raise ValueError(f"cannot tell the compression of {type(vae).__name__}")
-    return int(t), int(s)
+    for t_key, s_key in (("scale_factor_temporal", "scale_factor_spatial"),  # Wan
+                         ("temporal_compression_ratio", "spatial_compression_ratio")):  # HunyuanVideo
+        t, s = cfg.get(t_key), cfg.get(s_key)
+        if t and s:
+            return int(t), int(s)
+    # LTX computes the ratios in __init__ (its config entries may be None).
+    t, s = getattr(vae, "temporal_compression_ratio", None), getattr(vae, "spatial_compression_ratio", None)
+    if t and s:
+        return int(t), int(s)
+    raise ValueError(f"cannot read the compression of {type(vae).__name__}")
 
 
 def pixel_frames(vae: nn.Module, latent_frames: int) -> int:
