@@ -1,0 +1,145 @@
+import json
+import os
+
+import pytest
+import torch
+
+from crepa_mem.cache_store import (MANIFEST, FeatureStore, atomic_write, latent_key, settings_diff,
+                                   tensor_checksum)
+from crepa_mem.errors import FeatureCacheError
+
+SETTINGS = {"encoder": "facebook/dinov2-small", "encoder_image_size": 224, "encoder_dtype": "fp32"}
+
+
+def _store(tmp_path, settings=SETTINGS):
+    return FeatureStore.create(tmp_path / "store", settings, encoder_dim=8)
+
+
+def _write(store, key="ab" * 32, feats=None):
+    feats = torch.randn(3, 4, 8) if feats is None else feats
+    store.write(key, feats, frame_indices=[0, 4, 8], pixel_frames=9, target_frames=3, grid=(2, 2), dit_grid=None,
+                source="a.pt")
+    return key, feats
+
+
+def test_latent_key_depends_on_bytes_dtype_and_shape_only():
+    x = torch.randn(4, 3, 2, 2)
+    assert latent_key(x) == latent_key(x.clone())
+    assert latent_key(x.transpose(2, 3)) == latent_key(x.transpose(2, 3).contiguous())  # views hash their values
+    assert latent_key(x) != latent_key(x.to(torch.bfloat16))
+    assert latent_key(x) != latent_key(x.reshape(4, 3, 4, 1))
+    y = x.clone()
+    y[0, 0, 0, 0] += 1e-6
+    assert latent_key(x) != latent_key(y)
+    assert len(latent_key(x.to(torch.bfloat16))) == 64  # bf16 has no numpy dtype; hashed as raw bytes
+
+
+def test_round_trip_keeps_features_and_selection(tmp_path):
+    store = _store(tmp_path)
+    key, feats = _write(store)
+    entry = FeatureStore.open(tmp_path / "store").read(key)
+    assert torch.equal(entry.features, feats)
+    assert (entry.frame_indices, entry.pixel_frames, entry.target_frames, entry.grid, entry.dit_grid) == \
+        ([0, 4, 8], 9, 3, (2, 2), None)
+    assert entry.source == "a.pt" and store.verify(key) is None
+    assert list(store.keys()) == [key]
+
+
+def test_bf16_features_round_trip_bit_exactly(tmp_path):
+    store = _store(tmp_path)
+    key, feats = _write(store, feats=torch.randn(2, 4, 8).to(torch.bfloat16))
+    got = store.read(key).features
+    assert got.dtype == torch.bfloat16 and torch.equal(got, feats)
+
+
+def test_missing_entry_is_an_error(tmp_path):
+    with pytest.raises(FeatureCacheError, match="no entry"):
+        _store(tmp_path).read("cd" * 32)
+
+
+def test_flipped_byte_is_caught_by_the_checksum(tmp_path):
+    store = _store(tmp_path)
+    key, _ = _write(store)
+    path = store.path_of(key)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x40  # inside the tensor bytes: still a valid safetensors file
+    path.write_bytes(bytes(data))
+    with pytest.raises(FeatureCacheError, match="checksum"):
+        store.read(key)
+    assert "checksum" in store.verify(key)
+
+
+@pytest.mark.parametrize("keep", [0, 5, 40, -7])
+def test_truncated_entry_is_detected(tmp_path, keep):
+    store = _store(tmp_path)
+    key, _ = _write(store)
+    path = store.path_of(key)
+    path.write_bytes(path.read_bytes()[:keep])
+    with pytest.raises(FeatureCacheError, match="corrupt or truncated"):
+        store.read(key)
+
+
+def test_entry_from_a_store_with_other_settings_is_stale(tmp_path):
+    a, b = _store(tmp_path / "a"), _store(tmp_path / "b", {**SETTINGS, "encoder_image_size": 518})
+    key, _ = _write(a)
+    b.path_of(key).parent.mkdir(parents=True)
+    b.path_of(key).write_bytes(a.path_of(key).read_bytes())  # copied across stores
+    with pytest.raises(FeatureCacheError, match="stale"):
+        b.read(key)
+
+
+def test_create_resumes_with_same_settings_and_refuses_others(tmp_path):
+    store = _store(tmp_path)
+    key, _ = _write(store)
+    again = _store(tmp_path)
+    assert list(again.keys()) == [key]
+    with pytest.raises(FeatureCacheError, match=r"encoder_dtype: cache has 'fp32', wanted 'bf16'"):
+        _store(tmp_path, {**SETTINGS, "encoder_dtype": "bf16"})
+
+
+def test_manifest_problems_are_errors(tmp_path):
+    with pytest.raises(FeatureCacheError, match="does not exist"):
+        FeatureStore.open(tmp_path / "nothing")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(FeatureCacheError, match="not a feature cache"):
+        FeatureStore.open(tmp_path / "plain")
+    store = _store(tmp_path)
+    manifest = json.loads((store.root / MANIFEST).read_text())
+    manifest["settings"]["encoder_image_size"] = 518  # hand-edited: the sha256 no longer matches
+    (store.root / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(FeatureCacheError, match="edited"):
+        FeatureStore.open(store.root)
+    (store.root / MANIFEST).write_text("{not json")
+    with pytest.raises(FeatureCacheError, match="corrupt"):
+        FeatureStore.open(store.root)
+
+
+def test_failed_atomic_write_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch):
+    target = tmp_path / "x.bin"
+    atomic_write(target, b"old")
+
+    def crash(src, dst):
+        raise KeyboardInterrupt  # killed between writing the temp file and the rename
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]
+
+
+def test_stale_temps_are_removed_per_rank(tmp_path):
+    store = _store(tmp_path)
+    shard = store.root / "entries" / "ab"
+    shard.mkdir(parents=True)
+    (shard / ".tmp-r0-dead.part").write_bytes(b"half")
+    (shard / ".tmp-r1-live.part").write_bytes(b"rank 1 is writing this")
+    assert store.remove_stale_temps(rank=0) == 1
+    assert [p.name for p in store.temp_files()] == [".tmp-r1-live.part"]
+    assert list(store.keys()) == []  # temp files are never entries
+
+
+def test_settings_diff_names_each_difference():
+    assert settings_diff({"a": 1, "b": 2}, {"a": 1, "b": 3}) == ["b: cache has 2, wanted 3"]
+    assert settings_diff({"a": 1, "b": 2}, {"a": 5, "b": 3}, keys=["b"]) == ["b: cache has 2, wanted 3"]
+    assert tensor_checksum(torch.zeros(2)) != tensor_checksum(torch.zeros(3))
