@@ -6,6 +6,9 @@ per frame, D encoder width.
 Memory effect, in order of size on the reference workload (Wan 14B, 81 frames at 480×832, ViT-g/518):
 - Only the frames that temporal alignment keeps are ever encoded (81 → 21 for Wan): selecting before
   encoding gives SimpleTuner's loss exactly with about 4× less encoder work and activation.
+- Decode first, keeping only the selected frames' pixels (21 × 3×480×832 bf16 ≈ 50 MB), then release
+  the VAE before the encoder comes in: the two components' weights and activations never need the
+  device at the same time (this is what makes a `swap` tier pay off).
 - Frames are encoded `frames_per_chunk` images at a time; a chunk's resized pixels and encoder
   activations are freed before the next chunk is made.
 - Wan's VAE decodes one latent frame at a time with a causal cache (its activation peak does not grow
@@ -208,13 +211,13 @@ class TeacherPath:
         out: Tensor | None = None
         pending: list[tuple[int, int, Tensor]] = []  # (batch index, slot, frame (3, H, W))
 
-        def flush(encode, final: bool) -> None:
+        def encode_pending(encoder: nn.Module) -> None:
             nonlocal out, chunk
-            while pending and (final or len(pending) >= chunk):
+            while pending:
                 take = min(chunk, len(pending))
                 group = pending[:take]
                 try:
-                    tokens = encode([g[2] for g in group])
+                    tokens = self._encode(encoder, [g[2] for g in group], size, enc_dtype)
                 except Exception as err:  # noqa: BLE001 - only OOM is retried
                     if not _is_oom(err):
                         raise
@@ -224,7 +227,7 @@ class TeacherPath:
                             f"VAE tier {self.vae.tier}, chunk tried down to 1 frame from "
                             f"{self.frames_per_chunk or 'all'}); run `crepa-mem doctor --log` on this "
                             f"traceback, or `crepa-mem plan` for a configuration that fits") from err
-                    chunk = max(1, take // 2)
+                    chunk = max(1, take // 2)  # retry from this chunk; earlier chunks are kept
                     stats["retries"] += 1
                     stats["chunk_frames"] = chunk
                     continue
@@ -237,23 +240,25 @@ class TeacherPath:
                 stats["encoder_calls"] += 1
                 stats["frames_encoded"] += take
 
-        # Both components stay active for the whole teacher step (a swap tier moves each once).
+        # Phase 1, decode: only the selected frames' pixels are kept, the rest is freed as it comes.
+        # The VAE (and Wan's causal cache) is released before the encoder is brought in, so the two
+        # never need device memory at once: a swap tier holds one of them at a time.
+        z = denormalize_latents(latents_BCThw.to(self.vae.exec_device), vae_mod).to(module_dtype(vae_mod))
+        start = 0
+        with self.vae.active() as vae:
+            for pixels in iter_decoded_frames(vae, z):
+                for j in range(pixels.shape[2]):
+                    slot = slot_of.get(start + j)
+                    if slot is not None:
+                        for b in range(batch):
+                            pending.append((b, slot, pixels[b, :, j].clone()))
+                start += pixels.shape[2]
+                del pixels
+        del z
+        # Phase 2, encode `chunk` frames at a time: a chunk's resized images and activations are freed
+        # before the next chunk's are made.
         with self.encoder.active() as encoder:
-            encode = lambda frames: self._encode(encoder, frames, size, enc_dtype)  # noqa: E731
-            z = denormalize_latents(latents_BCThw.to(self.vae.exec_device), vae_mod).to(module_dtype(vae_mod))
-            start = 0
-            with self.vae.active() as vae:
-                for pixels in iter_decoded_frames(vae, z):
-                    for j in range(pixels.shape[2]):
-                        slot = slot_of.get(start + j)
-                        if slot is not None:  # keep a copy of the selected frame only; the rest is freed
-                            for b in range(batch):
-                                pending.append((b, slot, pixels[b, :, j].clone()))
-                    start += pixels.shape[2]
-                    del pixels
-                    flush(encode, final=False)
-            del z
-            flush(encode, final=True)
+            encode_pending(encoder)
         assert out is not None
         p = encoder_patch_size(self.encoder.module)
         grid = (size[0] // p, size[1] // p)

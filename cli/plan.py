@@ -1,0 +1,96 @@
+"""`crepa-mem plan`: the CREPA configuration that fits a GPU (no torch on this path)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from crepa_mem.cli._errors import EXIT_DOES_NOT_FIT, fail, user_errors
+from crepa_mem.cli._output import console, emit_json, human_bytes
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("plan")
+    @user_errors
+    def plan_cmd(
+        model: str = typer.Option(..., "--model", "-m", help="Family (wan, ltxvideo, sanavideo, kandinsky5_video) "
+                                  "or checkpoint (wan-2.1-14b, ...); `crepa-mem profiles` lists them."),
+        gpu: str = typer.Option("auto", "--gpu", help="auto, an index (1 or cuda:1), a catalog name (rtx4090) "
+                                "or a size (24GB, 24GiB)."),
+        frames: Optional[int] = typer.Option(None, "--frames", help="Pixel frames per clip (default: the checkpoint's)."),
+        height: Optional[int] = typer.Option(None, "--height", help="Clip height in pixels."),
+        width: Optional[int] = typer.Option(None, "--width", help="Clip width in pixels."),
+        batch: int = typer.Option(1, "--batch", help="Clips per step."),
+        train_gib: Optional[float] = typer.Option(None, "--train-gib", help="GiB the training uses without CREPA "
+                                                  "(default: what is in use on the GPU now)."),
+        headroom: float = typer.Option(0.10, "--headroom", help="Fraction of the GPU kept free (default 0.10)."),
+        host_ram: Optional[str] = typer.Option(None, "--host-ram", help="Host RAM for the swap/stream tiers, e.g. "
+                                               "64GiB (default: MemAvailable)."),
+        profiles: Optional[list[str]] = typer.Option(None, "--profiles", help="Directory of extra profile *.toml "
+                                                     "files (also $CREPA_MEM_PROFILES)."),
+        as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+        write: Optional[Path] = typer.Option(None, "--write", help="Write the planned config (crepa_* keys) to FILE."),
+    ) -> None:
+        """The best CREPA configuration that fits: tiers, chunks, encoder, and what each choice costs."""
+        from crepa_mem.planner import plan
+        from crepa_mem.units import parse_size
+
+        ram = None
+        if host_ram is not None:
+            try:
+                ram = parse_size(host_ram)
+            except ValueError as e:
+                fail(f"--host-ram: {e}")
+        p = plan(model, gpu, frames=frames, height=height, width=width, batch=batch, train_gib=train_gib,
+                 headroom=headroom, host_ram_bytes=ram, profiles_dir=profiles or None)
+        if p.gpu.source == "catalog" and p.gpu.note.startswith("no GPU found"):
+            typer.echo(f"crepa-mem: {p.gpu.note}", err=True)  # one line, never wrapped
+        if write is not None:
+            write.write_text(json.dumps(p.to_config().to_dict(), indent=2) + "\n")
+            typer.echo(f"crepa-mem: wrote {write}" + ("" if p.fits else " (this configuration does not fit)"), err=True)
+        if as_json:
+            emit_json(p.to_dict())
+        else:
+            _print(p)
+        if not p.fits:
+            raise typer.Exit(EXIT_DOES_NOT_FIT)
+
+
+def _print(p) -> None:
+    from rich.table import Table
+
+    out = console()
+    g, b, s = p.gpu, p.budget, p.shape
+    head = Table(title=f"crepa-mem plan: {p.model.name} on {g.name}", show_header=False, title_justify="left")
+    head.add_row("GPU", f"{g.name} ({g.source}) {human_bytes(g.total_bytes)} total, {human_bytes(g.free_bytes)} free")
+    head.add_row("shape", f"{s['batch']} × {s['frames']} frames × {s['height']}×{s['width']} "
+                          f"({s['latent_frames']} latent frames, {s['dit_tokens_per_frame']} tokens each)")
+    head.add_row("training uses", human_bytes(b["train_bytes"]))
+    head.add_row("headroom", human_bytes(b["headroom_bytes"]))
+    head.add_row("budget for CREPA", human_bytes(b["budget_bytes"]))
+    head.add_row("fits", "[green]yes[/]" if p.fits else "[red]no[/]")
+    out.print(head)
+
+    mem = Table(title="CREPA on the training GPU", title_justify="left")
+    mem.add_column("component")
+    mem.add_column("bytes", justify="right")
+    mem.add_column("phase")
+    for t in p.estimate.terms:
+        mem.add_row(t.name, human_bytes(t.bytes), t.phase)
+    mem.add_row("[bold]peak[/]", f"[bold]{human_bytes(p.estimate.peak_bytes)}[/]", p.estimate.peak_phase)
+    mem.add_row("left in budget", human_bytes(b["left_bytes"]), "")
+    out.print(mem)
+
+    st = Table(title="settings", title_justify="left")
+    st.add_column("key")
+    st.add_column("value")
+    for k, v in p.settings.items():
+        st.add_row(k, json.dumps(v))
+    out.print(st)
+    out.print("[bold]why[/]")
+    for r in p.reasons:
+        out.print(f" • {r}", markup=False)
+    if p.step_overhead_s:
+        out.print(f"estimated step-time overhead: +{p.step_overhead_s:.3f} s/step")

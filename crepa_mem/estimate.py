@@ -1,0 +1,314 @@
+"""Pure memory model of what CREPA adds on the training GPU: named byte terms, summed over phases.
+
+No torch: ints in, ints out. Legend: B batch, F pixel frames, T' latent frames, T_sel teacher frames
+(= min(F, T'), frames are selected before encoding), P DiT tokens per latent frame, N encoder patch
+tokens per frame, L = N + 1 + registers tokens in the encoder, D_dit / D_enc widths, S encoder image size.
+
+Phases of a training step (what crepa_mem.teacher and the loss really hold; a term alive in several
+phases names them joined by '+', e.g. the features live from `encode` through `loss`):
+    resident  alive the whole run (tier-`gpu` weights, the projector with its grad and Adam state)
+    decode    the VAE decoding the batch's clean latents (no grad); Wan one latent frame at a time
+    encode    one chunk of selected frames resized, normalised and run through the encoder (no grad)
+    loss      fp32 copy of the captured block output → projector → resample → cosine terms, + backward
+peak = the largest phase total (each total includes the resident terms).
+
+Tiers change where weights live: gpu = resident; swap = on the device for the module's whole `active()`
+block of the teacher step (the encoder's spans decode and encode); stream = ~2 blocks during its own
+phase; device/cache = nothing on the training GPU.
+The coefficients in CALIBRATION come from fake-tensor traces of the real diffusers/transformers modules
+(FakeTensorMode + a dispatch mode summing live storage bytes, weights excluded); they are to be refitted
+against `crepa_mem.trace` (tests/test_calibration.py checks ±10 %).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import CrepaConfigError
+from .profiles import EncoderProfile, ModelProfile, VaeProfile
+from .units import dtype_bytes
+
+PHASES = ("decode", "encode", "loss")
+ON_GPU = ("gpu", "swap", "stream")  # tiers that run the module on the training GPU
+
+CALIBRATION = {
+    # Live activation elements per decoded pixel-frame at the VAE decoder's peak (bf16 trace at 480×832
+    # and 704×1280; linear in area, Wan/Hunyuan independent of clip length, LTX linear in frames).
+    "vae_decode_elems": {"wan-2.1": 1264, "wan-2.2": 1344, "hunyuanvideo": 1180, "ltx-0.9.5": 47, "ltx-0.9.0": 47},
+    "vae_decode_elems_default": 1300,  # an unknown conv VAE: like Wan/Hunyuan (conservative)
+    # Of which Wan's causal-conv cache, alive between latent frames (trace at 480×832 / 704×1280).
+    "vae_cache_elems": {"wan-2.1": 592, "wan-2.2": 447},
+    "vae_cache_elems_default": 592,
+    # Same under vae.enable_tiling(), per pixel-frame of one tile (LTX's tiled decoder peaks lower).
+    "vae_decode_tiled_elems": {"ltx-0.9.5": 12.2, "ltx-0.9.0": 12.2},
+    # Tiled decode: the output plus the decoded tiles kept until blending, in units of the output
+    # (Wan 2.1, 256-px tiles with stride 192, 81 frames at 480×832: 1.4; LTX's 512/448 tiles: 1.0).
+    "vae_tiled_output_factor": {"ltx-0.9.5": 1.0, "ltx-0.9.0": 1.0},
+    "vae_tiled_output_factor_default": 1.4,
+    # Encoder forward (no grad) per token: a·D + b·I elements live at the peak layer
+    # (residual, norm, attention output, MLP hidden; SwiGLU holds gate, up and their product).
+    "encoder_token_elems_d": 4,
+    "encoder_token_elems_i": {"mlp": 2, "swiglu": 3},
+    # Copies of one chunk's resized pixels in the encoder dtype on the way in (normalised input and one
+    # temporary); the stacked full-size frames and the resize output in the VAE dtype come on top.
+    "encoder_input_copies": 2,
+    # Diffusers group offloading keeps about two of the decoder's top-level blocks on the device.
+    "vae_stream_fraction": 0.5,
+    # RamTorch OffloadModel(window=2): two encoder layers on the device.
+    "stream_window": 2,
+    # Bytes per trainable projector parameter: fp32 weight + grad + Adam exp_avg + exp_avg_sq.
+    "projector_bytes_per_param": 16,
+}
+
+
+@dataclass(frozen=True)
+class Term:
+    name: str
+    bytes: int
+    phase: str
+    """resident, decode, encode, loss, or several joined by '+'."""
+
+    def alive_in(self, phase: str) -> bool:
+        return self.phase == "resident" or phase in self.phase.split("+")
+
+
+@dataclass
+class Estimate:
+    terms: list[Term]
+    peak_bytes: int = 0
+    peak_phase: str = "resident"
+    phase_bytes: dict[str, int] = field(default_factory=dict)
+    inputs: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.phase_bytes = {p: sum(t.bytes for t in self.terms if t.alive_in(p)) for p in PHASES}
+        self.phase_bytes["resident"] = sum(t.bytes for t in self.terms if t.phase == "resident")
+        self.peak_phase = max(PHASES, key=lambda p: self.phase_bytes[p])
+        self.peak_bytes = self.phase_bytes[self.peak_phase]
+
+    @property
+    def components(self) -> dict[str, int]:
+        return {t.name: t.bytes for t in self.terms}
+
+    def to_dict(self) -> dict:
+        return {"total_bytes": self.peak_bytes, "peak_phase": self.peak_phase,
+                "components": self.components,
+                "phases": {p: self.phase_bytes[p] for p in ("resident", *PHASES)},
+                "terms": [{"name": t.name, "bytes": t.bytes, "phase": t.phase} for t in self.terms]}
+
+
+# ---------------------------------------------------------------------------- pieces (all pure)
+
+def encoder_tokens(encoder: EncoderProfile, image_size: int) -> tuple[int, int]:
+    """(N patch tokens, L tokens through the encoder incl. CLS and registers) at image size S."""
+    n = (image_size // encoder.patch_size) ** 2
+    return n, n + 1 + encoder.num_register_tokens
+
+
+def encoder_embed_params(encoder: EncoderProfile) -> int:
+    """Patch embedding + CLS/mask/register tokens + position embeddings (hub image size 518)."""
+    d, p = encoder.hidden_size, encoder.patch_size
+    return 3 * p * p * d + d + (2 + encoder.num_register_tokens) * d + ((518 // p) ** 2 + 1) * d
+
+
+def encoder_layer_params(encoder: EncoderProfile) -> int:
+    """Parameters of one transformer layer (what the stream tier holds per slot)."""
+    return (encoder.params - encoder_embed_params(encoder) - 2 * encoder.hidden_size) // encoder.num_layers
+
+
+def encoder_activation_bytes(encoder: EncoderProfile, image_size: int, frames: int, dtype: str) -> int:
+    """Peak live activations of a no-grad forward over `frames` images (ViT-g bf16 518: ≈48 MiB/frame)."""
+    _, tokens = encoder_tokens(encoder, image_size)
+    k_i = CALIBRATION["encoder_token_elems_i"].get(encoder.mlp, 3)
+    per_token = CALIBRATION["encoder_token_elems_d"] * encoder.hidden_size + k_i * encoder.intermediate_size
+    return frames * tokens * per_token * dtype_bytes(dtype)
+
+
+def encoder_flops_per_frame(encoder: EncoderProfile, image_size: int) -> float:
+    """Forward FLOPs per image: 2·params·L for the matmuls + 4·L²·D per layer for attention."""
+    _, tokens = encoder_tokens(encoder, image_size)
+    return 2.0 * encoder.params * tokens + 4.0 * tokens * tokens * encoder.hidden_size * encoder.num_layers
+
+
+def vae_decode_activation_bytes(vae: VaeProfile, frames: int, height: int, width: int, *, tiling: bool,
+                                dtype: str) -> int:
+    """Peak live activations of decoding one sample: elements per pixel-frame × frames at once × area."""
+    at_once = frames if vae.decode_frames <= 0 else min(frames, vae.decode_frames)
+    elems = vae.decode_elems or CALIBRATION["vae_decode_elems"].get(vae.name, CALIBRATION["vae_decode_elems_default"])
+    area = height * width
+    if tiling and (height > vae.tile_sample_min or width > vae.tile_sample_min):
+        area = min(height, vae.tile_sample_min) * min(width, vae.tile_sample_min)
+        elems = CALIBRATION["vae_decode_tiled_elems"].get(vae.name, elems)
+    return int(elems * at_once * area) * dtype_bytes(dtype)
+
+
+def is_streamed_decode(vae: VaeProfile, height: int, width: int, tiling: bool) -> bool:
+    """The teacher runs Wan's decoder one latent frame at a time itself (unless diffusers' tiling applies)."""
+    return vae.diffusers_class == "AutoencoderKLWan" and not (tiling and max(height, width) > vae.tile_sample_min)
+
+
+def vae_cache_bytes(vae: VaeProfile, height: int, width: int, dtype: str) -> int:
+    """Wan's causal-conv cache for one sample, alive between latent frames (part of the decode peak)."""
+    elems = CALIBRATION["vae_cache_elems"].get(vae.name, CALIBRATION["vae_cache_elems_default"])
+    return int(elems * vae.temporal_compression * height * width) * dtype_bytes(dtype)
+
+
+def vae_weight_bytes(vae: VaeProfile, dtype: str, drop_encoder: bool) -> int:
+    return (vae.params_decoder + (0 if drop_encoder else vae.params_encoder)) * dtype_bytes(dtype)
+
+
+def projector_params(d_dit: int, d_enc: int) -> int:
+    """LayerNorm(D_dit) weight+bias and Linear(D_dit → D_enc) weight+bias."""
+    return 2 * d_dit + d_dit * d_enc + d_enc
+
+
+# ---------------------------------------------------------------------------- the model
+
+def estimate(model: ModelProfile, encoder: EncoderProfile, *, frames: int, height: int, width: int, batch: int = 1,
+             image_size: int = 518, encoder_dtype: str = "fp32", vae_dtype: str = "bf16", dit_dtype: str = "bf16",
+             encoder_tier: str = "gpu", vae_tier: str = "gpu", vae_tiling: bool = False,
+             drop_vae_encoder: bool = False, frames_per_chunk: int | None = None,
+             spatial_align: bool = True) -> Estimate:
+    """Bytes CREPA adds on the training GPU for one configuration (see the module docstring)."""
+    for key, tier in (("crepa_mem_encoder_tier", encoder_tier), ("crepa_mem_vae_tier", vae_tier)):
+        if tier not in (*ON_GPU, "device", "cache"):
+            raise CrepaConfigError(key, tier, valid="gpu · swap · stream · device · cache")
+    model.check_shape(frames, height, width)
+    cache = "cache" in (encoder_tier, vae_tier)
+    if cache:
+        encoder_tier = vae_tier = "cache"
+    eb, vb = dtype_bytes(encoder_dtype), dtype_bytes(vae_dtype)
+    d_dit, d_enc = model.hidden_size, encoder.hidden_size
+    t_lat = model.latent_frames(frames)
+    t_sel = min(frames, t_lat)
+    p_dit = model.tokens_per_frame(height, width)
+    n_enc, _ = encoder_tokens(encoder, image_size)
+    total_frames = batch * t_sel
+    chunk = total_frames if not frames_per_chunk or frames_per_chunk <= 0 else min(frames_per_chunk, total_frames)
+    terms: list[Term] = []
+
+    def add(name: str, nbytes: float, phase: str) -> None:
+        if nbytes > 0:
+            terms.append(Term(name, int(nbytes), phase))
+
+    # -- resident: projector (trainable, fp32) with its gradient and Adam's two states
+    add("projector", projector_params(d_dit, d_enc) * CALIBRATION["projector_bytes_per_param"], "resident")
+
+    # The teacher (crepa_mem.teacher.TeacherPath.features) decodes the whole batch, keeps a copy of each
+    # selected frame as it comes, and encodes a chunk whenever `chunk` frames are pending; with the
+    # default (all frames in one chunk) every encode happens after the decode has finished and the
+    # VAE has left its `active()` block. Chunked, encodes interleave with the decode loop.
+    chunked = chunk < total_frames
+    vae = model.vae
+    streamed = vae_tier in ON_GPU and is_streamed_decode(vae, height, width, vae_tiling)
+    teacher = "decode+encode"
+    vae_live = teacher if chunked else "decode"  # phases where the VAE block is still open
+
+    # -- weights by tier: swap moves a module in for its whole `active()` block, stream keeps ~2 blocks
+    vae_w = vae_weight_bytes(vae, vae_dtype, drop_vae_encoder)
+    add("vae_weights", {"gpu": vae_w, "swap": vae_w, "stream": vae_w * CALIBRATION["vae_stream_fraction"]}
+        .get(vae_tier, 0), {"gpu": "resident", "swap": vae_live}.get(vae_tier, "decode"))
+    enc_w = encoder.params * eb
+    stream_w = CALIBRATION["stream_window"] * encoder_layer_params(encoder) * eb
+    add("encoder_weights", {"gpu": enc_w, "swap": enc_w, "stream": stream_w}.get(encoder_tier, 0),
+        {"gpu": "resident", "swap": teacher}.get(encoder_tier, "encode"))
+
+    # -- decode
+    if vae_tier in ON_GPU:
+        lat_h, lat_w = height // vae.spatial_compression, width // vae.spatial_compression
+        add("latents", batch * vae.latent_channels * t_lat * lat_h * lat_w * vb, vae_live)
+        act = batch * vae_decode_activation_bytes(vae, frames, height, width, tiling=vae_tiling, dtype=vae_dtype)
+        frame = 3 * height * width * vb
+        if streamed:  # Wan, one latent frame per call: its causal cache lives until the loop ends
+            cache = batch * vae_cache_bytes(vae, height, width, vae_dtype)
+            add("vae_decode_cache", cache, vae_live)
+            add("vae_decode_activations", act - cache, "decode")
+            add("decoded_frames", batch * vae.temporal_compression * frame, "decode")
+        else:  # one call: the whole clip comes out at once (tiled: plus the tiles kept for blending)
+            add("vae_decode_activations", act, "decode")
+            factor = 1.0
+            if vae_tiling and max(height, width) > vae.tile_sample_min:
+                factor = CALIBRATION["vae_tiled_output_factor"].get(vae.name,
+                                                                   CALIBRATION["vae_tiled_output_factor_default"])
+            add("decoded_video", batch * frames * frame * factor, "decode")
+
+    # -- encode: pending selected frames, one chunk's input and activations
+    if encoder_tier in ON_GPU:
+        step = batch * vae.temporal_compression if streamed else total_frames  # frames one decode call adds
+        pending = min(total_frames, chunk + step) if chunked else total_frames
+        add("selected_frames", pending * 3 * height * width * vb, teacher if streamed or chunked else "encode")
+        # stacked chunk (VAE dtype) + its resized copy + the normalised input (encoder dtype, one temporary)
+        add("encoder_input", chunk * 3 * (height * width * vb + image_size * image_size
+                                          * (vb + CALIBRATION["encoder_input_copies"] * eb)), "encode")
+        add("encoder_activations", encoder_activation_bytes(encoder, image_size, chunk, encoder_dtype), "encode")
+
+    # -- features (B, T_sel, N, D) in the encoder dtype: allocated at the first encoded chunk, then
+    # carried to the loss; from the cache or the other device they arrive just before the loss
+    feat_phase = ("decode+encode+loss" if chunked and vae_tier in ON_GPU else "encode+loss") \
+        if encoder_tier in ON_GPU else "loss"
+    add("features", total_frames * n_enc * d_enc * eb, feat_phase)
+
+    # -- loss: fp32 path of the captured block output, with what backward holds
+    rows = batch * t_lat
+    hidden = rows * p_dit * d_dit
+    add("hidden_fp32", hidden * 4 if dit_dtype != "fp32" else 0, "loss")
+    add("projector_activations", (hidden + rows * p_dit * d_enc) * 4, "loss")  # LayerNorm out + Linear out
+    # Spatial alignment: each side whose token count differs from min(P, N) is resampled, then both are
+    # L2-normalised; without it both sides are mean-pooled to one token (tiny).
+    target = min(p_dit, n_enc) if spatial_align else 1
+    proj_side = rows * target * d_enc * 4 * ((p_dit != target) + 1)
+    feat_side = total_frames * d_enc * 4 * (n_enc * (encoder_dtype != "fp32") + target * ((n_enc != target) + 1))
+    add("alignment_tensors", proj_side + feat_side, "loss")
+    # Backward through the projector: the gradient of its output and of its input, both fp32.
+    add("loss_backward", rows * p_dit * (d_dit + d_enc) * 4, "loss")
+
+    inputs = dict(model=model.name, encoder=encoder.name, frames=frames, height=height, width=width, batch=batch,
+                  image_size=image_size, encoder_dtype=encoder_dtype, vae_dtype=vae_dtype, encoder_tier=encoder_tier,
+                  vae_tier=vae_tier, vae_tiling=vae_tiling, drop_vae_encoder=drop_vae_encoder,
+                  frames_per_chunk=chunk, spatial_align=spatial_align, latent_frames=t_lat, teacher_frames=t_sel,
+                  dit_tokens_per_frame=p_dit, encoder_tokens_per_frame=n_enc)
+    return Estimate(terms, inputs=inputs)
+
+
+LOSS_TERMS = ("projector", "hidden_fp32", "projector_activations", "alignment_tensors", "loss_backward")
+
+
+def teacher_peak(e: Estimate) -> int:
+    """Peak of the teacher step alone (decode/encode phases without the projector and loss terms):
+    what `crepa_mem.trace` measures on its fake GPU."""
+    return Estimate([t for t in e.terms if t.name not in LOSS_TERMS]).peak_bytes
+
+
+def teacher_bytes(model: ModelProfile, encoder: EncoderProfile, **kwargs) -> int:
+    """Peak on the *other* GPU when the teacher runs there (`device` tier): VAE and encoder resident."""
+    kwargs.update(encoder_tier="gpu", vae_tier="gpu")
+    return teacher_peak(estimate(model, encoder, **kwargs))
+
+
+# ---------------------------------------------------------------------------- calibration hook
+# The matrix the trace-based calibration compares against (tests/test_calibration.py checks a subset
+# within ±10 %, a benchmark script prints all of it): families × encoders × image sizes × tiers × chunks.
+# CALIBRATION above is what gets refitted; nothing else in this module holds a measured figure.
+
+def calibration_cases() -> list[dict]:
+    """≥ 24 estimate() keyword sets (model and encoder by profile name) spanning the model's axes."""
+    shapes = {"wan-2.1-1.3b": (81, 480, 832), "wan-2.2-ti2v-5b": (49, 704, 1280), "ltxvideo-2b": (49, 512, 704),
+              "kandinsky5-video-lite": (49, 480, 832), "sanavideo-2b": (81, 480, 832)}
+    knobs = [dict(encoder="dinov2_vitg14", image_size=518, encoder_dtype="bf16", encoder_tier="gpu", vae_tier="gpu",
+                  frames_per_chunk=-1),
+             dict(encoder="dinov2_vitg14", image_size=518, encoder_dtype="fp32", encoder_tier="swap", vae_tier="gpu",
+                  frames_per_chunk=4),
+             dict(encoder="dinov2_vitl14", image_size=448, encoder_dtype="bf16", encoder_tier="stream",
+                  vae_tier="swap", frames_per_chunk=8),
+             dict(encoder="dinov2_vitl14", image_size=224, encoder_dtype="fp32", encoder_tier="gpu", vae_tier="gpu",
+                  frames_per_chunk=1, vae_tiling=True),
+             dict(encoder="dinov2_vits14", image_size=518, encoder_dtype="bf16", encoder_tier="gpu", vae_tier="swap",
+                  frames_per_chunk=-1, drop_vae_encoder=True)]
+    return [dict(model=m, frames=f, height=h, width=w, **k) for m, (f, h, w) in shapes.items() for k in knobs]
+
+
+def estimate_case(case: dict, profiles_dir=None) -> Estimate:
+    """estimate() for one calibration_cases() entry."""
+    from .profiles import get_encoder, get_model
+
+    kw = dict(case)
+    return estimate(get_model(kw.pop("model"), profiles_dir), get_encoder(kw.pop("encoder"), profiles_dir), **kw)
