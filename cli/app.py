@@ -14,7 +14,7 @@ app = typer.Typer(
 )
 
 # One module per command; each defines register(app: typer.Typer).
-COMMAND_MODULES = ["demo"]
+COMMAND_MODULES = ["demo", "doctor", "cache", "plan", "gpus", "profiles", "trace"]
 
 for _name in COMMAND_MODULES:
     import_module(f"crepa_mem.cli.{_name}").register(app)
