@@ -61,7 +61,7 @@ class CrepaRegularizer:
         elif cfg.feature_cache is not None and "cache" in (cfg.encoder_tier, cfg.vae_tier):
             from .cache import FeatureCacheTeacher  # no encoder and no VAE in memory
 
-            self.teacher = FeatureCacheTeacher.open(cfg.feature_cache, cfg, compute_device=self.device)
+            self.teacher = FeatureCacheTeacher.open(cfg.feature_cache, cfg, compute_device=self.device, vae=vae)
             dim = self.teacher.encoder_dim
         else:
             if encoder is None:
