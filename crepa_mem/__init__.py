@@ -20,6 +20,7 @@ _LAZY = {
     "plan": "planner",
     "Plan": "planner",
     "wrap": "wrap",
+    "CrepaHooks": "adapters",
 }
 
 __all__ = ["CrepaConfig", "CrepaConfigError", "CrepaMemError", *_LAZY]
@@ -37,4 +38,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from .capture import capture_hidden_states
     from .planner import Plan, plan
     from .regularizer import CrepaRegularizer
+    from .adapters import CrepaHooks
     from .wrap import wrap

@@ -6,11 +6,13 @@
 
 The projector is registered as `transformer.crepa_projector` (as SimpleTuner does) on the unwrapped
 model, so optimizers built from `transformer.parameters()`, `accelerator.prepare`, PEFT
-`modules_to_save=["crepa_projector"]` and checkpoints all see it.
+`modules_to_save=["crepa_projector"]` and checkpoints all see it. Call `wrap` before
+`accelerator.prepare`: DDP and FSDP only synchronise/shard parameters the model holds when they wrap it.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -19,6 +21,7 @@ from torch import Tensor, nn
 
 from .capture import BlockCapture, hidden_size_of, unwrap
 from .config import CrepaConfig
+from .errors import CrepaMemError
 from .regularizer import CrepaRegularizer
 from .tiers import module_device
 
@@ -35,15 +38,54 @@ def _as_config(config: CrepaConfig | Mapping[str, Any] | str | os.PathLike | Non
     return CrepaConfig.from_dict(config)
 
 
+def trained_projector(model: nn.Module, fallback: nn.Module | None = None) -> nn.Module | None:
+    """The projector module that actually trains: what is registered as `crepa_projector` now.
+
+    PEFT's `modules_to_save=["crepa_projector"]` replaces it with a ModulesToSaveWrapper whose active
+    copy trains while the original is frozen; FSDP1 auto-wrap replaces it with its FSDP unit (calling the
+    unit gathers the shards). Using the registered module keeps CREPA on the weights the optimizer steps.
+    """
+    module = getattr(unwrap(model), "crepa_projector", None)
+    if module is None:
+        return fallback
+    copies = getattr(module, "modules_to_save", None)
+    if isinstance(copies, nn.ModuleDict):
+        active = getattr(module, "active_adapter", None)
+        active = active[0] if isinstance(active, (list, tuple)) and active else active
+        if active in copies:
+            return copies[active]
+    return module
+
+
+_SHARDED = (
+    "the CREPA projector's parameters are sharded (size {size} of {name}) when CREPA runs: the FSDP unit that "
+    "holds them was resharded after the model's forward. Make crepa_projector an FSDP unit of its own (accelerate "
+    "FSDP1: add Sequential to fsdp_transformer_layer_cls_to_wrap; FSDP2: fully_shard(model.crepa_projector) "
+    "before the root), or keep it in an FSDP2 root unit, which is not resharded after forward"
+)
+
+
+def _check_not_sharded(projector: nn.Module) -> None:
+    """A projector inside a resharded FSDP unit has empty (FSDP1) or DTensor (FSDP2) parameters; an FSDP
+    unit of its own (FSDP1 wrapper, FSDP2 module) gathers them in its forward, so it is fine."""
+    if type(projector).__name__ == "FullyShardedDataParallel" or hasattr(projector, "unshard"):
+        return
+    for name, param in projector.named_parameters():
+        if param.numel() == 0 or type(param).__name__ == "DTensor" or type(param.data).__name__ == "DTensor":
+            raise CrepaMemError(_SHARDED.format(size=tuple(param.shape), name=name))
+
+
 class Crepa:
     """What `wrap` returns: call it after the transformer's forward to get (loss, logs)."""
 
     def __init__(self, transformer: nn.Module, regularizer: CrepaRegularizer, capture: BlockCapture):
         self.transformer, self.regularizer, self.capture = transformer, regularizer, capture
+        self._registered = regularizer.projector
 
     @property
     def projector(self) -> nn.Module:
-        return self.regularizer.projector
+        """The projector that trains (see `trained_projector`); state-dict keys 0.weight … 1.bias."""
+        return trained_projector(self.transformer, fallback=self._registered)
 
     @property
     def config(self) -> CrepaConfig:
@@ -53,6 +95,8 @@ class Crepa:
         """CREPA loss of the latest forward. `latents`: the clean, normalised latents of that batch
         (unused in backbone mode, where the teacher block's output is the target)."""
         cap = self.capture
+        self.regularizer.projector = projector = self.projector  # follow PEFT/FSDP replacing the module
+        _check_not_sharded(projector)
         grid = cap.grid
         teacher = cap.teacher_states if self.config.backbone_mode else None
         try:
@@ -67,9 +111,19 @@ class Crepa:
 
         path = Path(directory) / PROJECTOR_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.projector.state_dict().items()}
-        save_file(state, str(path), metadata={"format": "pt", "crepa_mem": "projector"})
+        save_file(self.projector_state_dict(), str(path), metadata={"format": "pt", "crepa_mem": "projector"})
         return path
+
+    def projector_state_dict(self) -> dict[str, Tensor]:
+        """Full projector weights on the CPU, keys 0.weight 0.bias 1.weight 1.bias. Under FSDP2 the shards
+        are all-gathered: a collective, so every rank calls it (then one rank writes)."""
+        module = self.projector
+        module = getattr(module, "module", module) if type(module).__name__ == "FullyShardedDataParallel" else module
+        state = {}
+        for key, value in module.state_dict().items():
+            value = value.full_tensor() if hasattr(value, "full_tensor") else value
+            state[key] = value.detach().cpu().contiguous()
+        return state
 
     def load_projector(self, directory_or_file: str | os.PathLike) -> None:
         from safetensors.torch import load_file
@@ -83,8 +137,14 @@ class Crepa:
         """Detach the hook and the projector from the model (idempotent)."""
         self.capture.remove()
         base = unwrap(self.transformer)
-        if getattr(base, "crepa_projector", None) is self.projector:
+        registered = getattr(base, "crepa_projector", None)
+        if registered is not None and (registered is self._registered or self.projector is not self._registered):
             del base.crepa_projector
+
+
+def _is_distributed_wrapper(model: nn.Module) -> bool:
+    names = {cls.__name__ for cls in type(model).__mro__}
+    return bool(names & {"DistributedDataParallel", "FullyShardedDataParallel", "DeepSpeedEngine"})
 
 
 def wrap(transformer: nn.Module, *, vae: nn.Module | None = None, encoder: nn.Module | None = None,
@@ -93,6 +153,10 @@ def wrap(transformer: nn.Module, *, vae: nn.Module | None = None, encoder: nn.Mo
          max_train_steps: int | None = None) -> Crepa:
     """Attach CREPA to a stock diffusers video transformer (Wan, LTX-Video, Sana-Video, Kandinsky 5)."""
     cfg = _as_config(config)
+    if _is_distributed_wrapper(transformer):
+        warnings.warn("crepa_mem.wrap was called on a model already wrapped by DDP/FSDP: the projector it registers "
+                      "is not synchronised or sharded by that wrapper. Call wrap() before accelerator.prepare().",
+                      RuntimeWarning, stacklevel=2)
     if plan is not None:
         cfg = plan.to_config(cfg)
     if feature_cache is not None:
