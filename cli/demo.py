@@ -3,7 +3,6 @@ loss through `wrap`, a backward and an optimizer step — printing the logs. Nee
 from __future__ import annotations
 
 import time
-from typing import Optional
 
 import typer
 

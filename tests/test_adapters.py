@@ -13,13 +13,6 @@ from crepa_mem.testing import tiny_dinov2, tiny_transformer, tiny_transformer_in
 CFG = CrepaConfig(enabled=True, block_index=1, encoder_image_size=70, encoder_frames_batch_size=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class TrainerDiT(nn.Module):
     """A trainer's own wrapper class around a DiT (as musubi-tuner's WanModel is its own class): crepa-mem

@@ -21,14 +21,6 @@ FAMILIES = SUPPORTED_FAMILIES
 LAYERS = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest single-threaded (2 cores shared with xdist workers); restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _blocks(model):
     return getattr(model, family_spec(model).blocks_attr)

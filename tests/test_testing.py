@@ -16,14 +16,6 @@ from crepa_mem.testing import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest single-threaded (2 cores shared with xdist workers); restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 EXPECTED_VAE = {  # family → (class name, latent channels, temporal, spatial); REFERENCE §2.2
     "wan": ("AutoencoderKLWan", 16, 4, 8),
     "wan2.2": ("AutoencoderKLWan", 48, 4, 16),

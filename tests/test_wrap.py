@@ -13,13 +13,6 @@ TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 CFG = CrepaConfig(enabled=True, block_index=1, encoder_image_size=70, encoder_frames_batch_size=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _lora_model(seed: int = 0):
     model = tiny_transformer("wan", seed=seed).train()
