@@ -13,7 +13,7 @@ from crepa_mem.cli.app import app
 
 FIXTURES = Path(__file__).parent / "fixtures" / "doctor"
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text())
-WAN_CONFIG = Path(__file__).parent / "fixtures" / "doctor" / "simpletuner" / "wan2.1-t2v-1.3b-480p-ramtorch-crepa.json"
+WAN_CONFIG = Path(__file__).parent / "fixtures" / "simpletuner" / "wan2.1-t2v-1.3b-480p-ramtorch-crepa.json"
 runner = CliRunner()
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from crepa_mem import CrepaConfig, CrepaConfigError
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "simpletuner"
+FIXTURES = Path(__file__).parent / "fixtures" / "simpletuner"  # copies of ../shared/fixtures/simpletuner
 
 
 def test_reads_plain_and_cli_style_keys_and_ignores_the_rest():

@@ -12,7 +12,7 @@ from crepa_mem.diagnose import Diagnosis, Finding, check_gpu_argument, diagnose,
 from crepa_mem.errors import CrepaConfigError, ProfileNotFoundError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "doctor"
-WAN_CONFIG = Path(__file__).parent / "fixtures" / "doctor" / "simpletuner" / "wan2.1-t2v-1.3b-480p-ramtorch-crepa.json"
+WAN_CONFIG = Path(__file__).parent / "fixtures" / "simpletuner" / "wan2.1-t2v-1.3b-480p-ramtorch-crepa.json"
 
 
 def test_finding_dict_and_validation():

@@ -11,7 +11,7 @@ from crepa_mem.diagnose_config import cached_encoder_files, check_config, hf_hub
 from crepa_mem.profiles import get_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "doctor"
-SIMPLETUNER = Path(__file__).parent / "fixtures" / "doctor" / "simpletuner"
+SIMPLETUNER = Path(__file__).parent / "fixtures" / "simpletuner"
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text())["configs"]
 ENCODER_REPOS = ["facebook/dinov2-small", "facebook/dinov2-large", "facebook/dinov2-giant"]
 

@@ -18,7 +18,7 @@ from crepa_mem.simpletuner import CrepaRegularizer, config_from_simpletuner, pat
 from crepa_mem.testing import tiny_dinov2, tiny_transformer, tiny_transformer_inputs, tiny_vae
 from simpletuner_reference import st_decode, st_encode, st_loss, st_scores
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "simpletuner"
+FIXTURES = Path(__file__).parent / "fixtures" / "simpletuner"  # copies of ../shared/fixtures/simpletuner
 
 
 @pytest.fixture(scope="module")
