@@ -1,0 +1,62 @@
+"""Compute-device peak of the teacher path for a matrix of tier settings on one workload.
+
+    python benchmarks/trace_matrix.py                       # the reference workload (REFERENCE §6)
+    python benchmarks/trace_matrix.py --model wan-2.1-1.3b --frames 21 --height 240 --width 416 --quick
+
+Prints one row per configuration: peak bytes on the (fake) GPU, the ratio to SimpleTuner's recipe,
+and the trace's own wall time. Every figure is measured by `crepa_mem.trace` when this runs.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+from crepa_mem.trace import TeacherSettings, Workload, trace_baseline, trace_candidate
+from crepa_mem.units import format_bytes
+
+FRUGAL = dict(chunk=1, vae_tiling=True, drop_vae_encoder=True)
+MATRIX = [
+    ("crepa-mem defaults (resident, selection first)", TeacherSettings()),
+    ("chunk 1", TeacherSettings(chunk=1)),
+    ("encoder bf16, chunk 4", TeacherSettings(encoder_dtype="bf16", chunk=4)),
+    ("encoder swap, chunk 1", TeacherSettings(encoder_tier="swap", chunk=1)),
+    ("encoder stream, chunk 1", TeacherSettings(encoder_tier="stream", chunk=1)),
+    ("encoder stream, VAE swap, tiled", TeacherSettings(encoder_tier="stream", vae_tier="swap", **FRUGAL)),
+    ("encoder stream, VAE stream, tiled", TeacherSettings(encoder_tier="stream", vae_tier="stream", **FRUGAL)),
+    ("encoder and VAE on the CPU (device tier)", TeacherSettings(encoder_tier="device", vae_tier="device", chunk=1)),
+    ("feature cache", TeacherSettings(feature_cache=True)),
+]
+QUICK = [0, 1, 4, 6, 8]
+# Smaller tiles save a little more but multiply the decoder calls the trace walks through (~6 min here).
+SLOW = [("encoder stream, VAE stream, tiles 128", TeacherSettings(encoder_tier="stream", vae_tier="stream",
+                                                                  vae_tile_size=128, **FRUGAL))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="wan-2.1-14b")
+    ap.add_argument("--frames", type=int, default=81)
+    ap.add_argument("--height", type=int, default=480)
+    ap.add_argument("--width", type=int, default=832)
+    ap.add_argument("--encoder", default="dinov2_vitg14")
+    ap.add_argument("--image-size", type=int, default=518)
+    ap.add_argument("--quick", action="store_true", help="five rows instead of all")
+    ap.add_argument("--slow", action="store_true", help="also the rows that take minutes to trace")
+    args = ap.parse_args()
+    w = Workload(model=args.model, frames=args.frames, height=args.height, width=args.width,
+                 encoder=args.encoder, image_size=args.image_size)
+    t0 = time.perf_counter()
+    base = trace_baseline(w)
+    print(f"workload: {w}")
+    print(f"{'configuration':48s} {'peak':>12s} {'ratio':>7s} {'trace s':>8s}")
+    print(f"{'SimpleTuner recipe (baseline)':48s} {format_bytes(base.peak_bytes):>12s} {1.0:7.2f} {base.wall_s:8.1f}")
+    rows = [MATRIX[i] for i in QUICK] if args.quick else MATRIX + (SLOW if args.slow else [])
+    for label, settings in rows:
+        r = trace_candidate(w, settings)
+        print(f"{label:48s} {format_bytes(r.peak_bytes):>12s} {base.peak_bytes / r.peak_bytes:7.2f} {r.wall_s:8.1f}",
+              flush=True)
+    print(f"total {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

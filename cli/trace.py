@@ -1,0 +1,133 @@
+"""`crepa-mem trace`: the teacher path's GPU peak, SimpleTuner's recipe against a candidate, on a CPU.
+
+Full-size models on fake tensors (crepa_mem.trace); nothing is downloaded and no GPU is needed.
+--json prints exactly {"baseline": {"peak_bytes"}, "candidate": {"peak_bytes", "settings"}, "ratio"}.
+Exit codes: 0 ok, 2 bad input (unknown model or encoder, a shape the VAE cannot encode).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from crepa_mem.cli._errors import EXIT_USAGE, fail, user_errors
+from crepa_mem.cli._output import console, emit_json, human_bytes
+
+PLACED = ("gpu", "swap", "stream", "device")
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+def _choice(flag: str, value: str, valid: tuple[str, ...]) -> str:
+    if value not in valid:
+        extra = " (the feature cache is --feature-cache)" if value == "cache" else ""
+        fail(f"{flag} {value!r} is invalid: valid is {' · '.join(valid)}{extra}", EXIT_USAGE)
+    return value
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("trace")
+    @user_errors
+    def trace_cmd(
+        model: str = typer.Option(..., "--model", "-m", help="Checkpoint or family (wan-2.1-14b, ltxvideo, ...); "
+                                  "its VAE is traced."),
+        frames: Optional[int] = typer.Option(None, "--frames", help="Pixel frames per clip (default: the model's)."),
+        height: Optional[int] = typer.Option(None, "--height", help="Clip height in pixels (default: the model's)."),
+        width: Optional[int] = typer.Option(None, "--width", help="Clip width in pixels (default: the model's)."),
+        batch: int = typer.Option(1, "--batch", help="Clips per step."),
+        encoder: str = typer.Option("dinov2_vitg14", "--encoder", help="dinov2_vit{s,b,l,g}14, optionally _reg."),
+        image_size: int = typer.Option(518, "--image-size", help="Encoder input size (a multiple of 14)."),
+        vae_dtype: str = typer.Option("bf16", "--vae-dtype", help="VAE weights and decode dtype, both runs."),
+        encoder_tier: str = typer.Option("gpu", "--encoder-tier", help="Candidate: gpu · swap · stream · device."),
+        vae_tier: str = typer.Option("gpu", "--vae-tier", help="Candidate: gpu · swap · stream · device."),
+        chunk: Optional[int] = typer.Option(None, "--chunk", help="Candidate: frames per encoder call "
+                                            "(default: all selected frames at once)."),
+        encoder_dtype: str = typer.Option("fp32", "--encoder-dtype", help="Candidate: fp32 · bf16 · fp16."),
+        vae_tiling: bool = typer.Option(False, "--vae-tiling/--no-vae-tiling", help="Candidate: spatial VAE tiling."),
+        vae_tile_size: Optional[int] = typer.Option(None, "--vae-tile-size", help="Candidate: tile edge in pixels."),
+        drop_vae_encoder: bool = typer.Option(False, "--drop-vae-encoder", help="Candidate: decode-only VAE."),
+        feature_cache: bool = typer.Option(False, "--feature-cache", help="Candidate: features read from a "
+                                           "feature cache (no VAE, no encoder on the GPU)."),
+        as_json: bool = typer.Option(False, "--json", help="Print exactly the report dict."),
+    ) -> None:
+        """Trace the teacher's compute-device peak: SimpleTuner's recipe vs the candidate settings."""
+        from crepa_mem.profiles import get_model
+        from crepa_mem.trace import TeacherSettings, Workload, expected_steps, trace_baseline, trace_candidate
+
+        _choice("--encoder-tier", encoder_tier, PLACED)
+        _choice("--vae-tier", vae_tier, PLACED)
+        _choice("--encoder-dtype", encoder_dtype, DTYPES)
+        _choice("--vae-dtype", vae_dtype, DTYPES)
+        if chunk is not None and chunk < 1:
+            fail(f"--chunk {chunk} is invalid: valid is an integer ≥ 1 (omit it for all frames at once)", EXIT_USAGE)
+        if image_size < 14 or image_size % 14:
+            fail(f"--image-size {image_size} is invalid: valid is a multiple of 14 (e.g. 224, 518)", EXIT_USAGE)
+        profile = get_model(model)
+        from crepa_mem.profiles import get_encoder
+
+        get_encoder(encoder)  # unknown names fail here with suggestions
+        workload = Workload(model=profile.name, frames=frames or profile.default_frames,
+                            height=height or profile.default_height, width=width or profile.default_width,
+                            encoder=encoder, image_size=image_size, batch=batch, vae_dtype=vae_dtype)
+        settings = TeacherSettings(encoder_tier=encoder_tier, vae_tier=vae_tier, chunk=chunk,
+                                   encoder_dtype=encoder_dtype, vae_tiling=vae_tiling, vae_tile_size=vae_tile_size,
+                                   drop_vae_encoder=drop_vae_encoder, feature_cache=feature_cache)
+        with _progress(expected_steps(workload, settings)) as step:
+            base = trace_baseline(workload, progress=lambda what: step(f"baseline: {what}"))
+            cand = trace_candidate(workload, settings, progress=lambda what: step(f"candidate: {what}"))
+        report = {"baseline": {"peak_bytes": base.peak_bytes},
+                  "candidate": {"peak_bytes": cand.peak_bytes, "settings": settings.to_dict()},
+                  "ratio": base.peak_bytes / cand.peak_bytes if cand.peak_bytes else float("inf")}
+        if as_json:
+            emit_json(report)
+        else:
+            _print(workload, base, cand, report)
+
+
+class _progress:
+    """A rich progress bar on stderr while tracing (only on a terminal); `step(label)` advances it."""
+
+    def __init__(self, total: int):
+        self.total, self.bar, self.task = total, None, None
+
+    def __enter__(self):
+        err = console(stderr=True)
+        if err.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("[bold]tracing[/] {task.description:<28}"), BarColumn(),
+                                MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("building models", total=self.total)
+        return self.step
+
+    def step(self, label: str) -> None:
+        if self.bar is not None:
+            done = self.bar.tasks[0].completed + 1
+            self.bar.update(self.task, advance=1, description=label, total=max(self.total, done))
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+        return False
+
+
+def _print(workload, base, cand, report) -> None:
+    from rich.table import Table
+
+    out = console()
+    s = workload.shapes()
+    out.print(f"[bold]{workload.model}[/]: {workload.batch}×{workload.frames} frames at {workload.height}×"
+              f"{workload.width} → {s['latent_frames']} latent frames, {s['dit_frames']} selected; "
+              f"{workload.encoder} at {workload.image_size} ({s['encoder_tokens']} tokens); VAE {workload.vae_dtype}")
+    table = Table(show_header=True, header_style="bold")
+    for col in ("", "peak", "resident weights", "transient", "host peak", "trace"):
+        table.add_column(col, justify="left" if not col else "right")
+    for name, r in (("baseline (SimpleTuner)", base), ("candidate", cand)):
+        table.add_row(name, human_bytes(r.peak_bytes), human_bytes(r.weights_bytes),
+                      human_bytes(r.peak_bytes - r.weights_bytes), human_bytes(r.host_peak_bytes), f"{r.wall_s:.1f} s")
+    out.print(table)
+    settings = " ".join(f"{k}={v}" for k, v in report["candidate"]["settings"].items())
+    out.print(f"candidate: {settings}")
+    if cand.prefetch_bytes:
+        out.print(f"stream tier: includes {human_bytes(cand.prefetch_bytes)} for the block a CUDA side stream prefetches")
+    out.print(f"[bold]ratio[/] {report['ratio']:.2f}× (baseline peak / candidate peak)")

@@ -1,0 +1,321 @@
+"""`crepa-mem trace`: the compute-device peak of the teacher path, measured without a GPU.
+
+Full-size models are built on the meta device from their real configs (written out below), given
+fake storage, and run on fake tensors on a fake `cuda:0` (crepa_mem.trace_runtime). The peak is the
+most bytes of live storage on that device at any moment: resident weights plus the transient peak.
+Two runs are compared on one workload:
+
+- baseline: SimpleTuner 4.10's recipe (`simpletuner_teacher`, transcribed below): fp32 DINOv2 and
+  the VAE resident on the GPU, every frame decoded by `vae.decode`, every frame encoded in one call,
+  frames selected after encoding;
+- candidate: the real crepa-mem teacher path (TeacherPath with real `place()` tiers, chunking,
+  selection before encoding, Wan's streamed decode) for the given `TeacherSettings`.
+
+Legend: B batch, C latent channels, T latent frames, F pixel frames, N encoder tokens, D width.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .config import CrepaConfig
+from .encoders import DTYPES
+from .errors import CrepaConfigError
+from .loss import temporal_indices
+from .teacher import TeacherPath, denormalize_latents, encode_tokens, module_dtype, IMAGENET_MEAN, IMAGENET_STD
+from .tiers import place
+from .trace_runtime import FAKE_GPU, LiveBytes, fake_gpu, materialize
+
+# ---------------------------------------------------------------- real configs
+# VAEs by profile name (profiles/models.toml [vae.*]). Latent statistics do not change memory and
+# are left at the class defaults (Wan 2.1's are its real ones; the 48 of Wan 2.2 are set to 0/1).
+VAE_CONFIGS: dict[str, tuple[str, dict]] = {
+    # Wan-AI/Wan2.1-T2V-*-Diffusers vae/config.json == AutoencoderKLWan() defaults
+    "wan-2.1": ("AutoencoderKLWan", {}),
+    # Wan-AI/Wan2.2-TI2V-5B-Diffusers vae/config.json
+    "wan-2.2": ("AutoencoderKLWan", dict(
+        base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+        temperal_downsample=[False, True, True], dropout=0.0, in_channels=12, out_channels=12, is_residual=True,
+        patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
+        latents_mean=[0.0] * 48, latents_std=[1.0] * 48)),
+    # Lightricks/LTX-Video-0.9.5 vae (diffusers scripts/convert_ltx_to_diffusers.py, version 0.9.5)
+    "ltx-0.9.5": ("AutoencoderKLLTXVideo", dict(
+        in_channels=3, out_channels=3, latent_channels=128, block_out_channels=(128, 256, 512, 1024, 2048),
+        down_block_types=("LTXVideo095DownBlock3D",) * 4, decoder_block_out_channels=(256, 512, 1024),
+        layers_per_block=(4, 6, 6, 2, 2), decoder_layers_per_block=(5, 5, 5, 5),
+        spatio_temporal_scaling=(True, True, True, True), decoder_spatio_temporal_scaling=(True, True, True),
+        decoder_inject_noise=(False, False, False, False),
+        downsample_type=("spatial", "temporal", "spatiotemporal", "spatiotemporal"),
+        upsample_residual=(True, True, True), upsample_factor=(2, 2, 2), timestep_conditioning=True,
+        patch_size=4, patch_size_t=1, resnet_norm_eps=1e-6, scaling_factor=1.0, encoder_causal=True,
+        decoder_causal=False, spatial_compression_ratio=32, temporal_compression_ratio=8)),
+    # Lightricks/LTX-Video 0.9.0 vae == AutoencoderKLLTXVideo() defaults
+    "ltx-0.9.0": ("AutoencoderKLLTXVideo", {}),
+    # hunyuanvideo-community/HunyuanVideo vae == AutoencoderKLHunyuanVideo() defaults (Kandinsky 5)
+    "hunyuanvideo": ("AutoencoderKLHunyuanVideo", {}),
+}
+
+# facebook/dinov2-* config.json values (patch 14, image 518, layerscale 1.0, eps 1e-6, mlp_ratio 4).
+DINOV2_CONFIGS: dict[str, dict] = {
+    "dinov2_vits14": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6),
+    "dinov2_vitb14": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12),
+    "dinov2_vitl14": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16),
+    "dinov2_vitg14": dict(hidden_size=1536, num_hidden_layers=40, num_attention_heads=24, use_swiglu_ffn=True),
+}
+_DINOV2_COMMON = dict(mlp_ratio=4, image_size=518, patch_size=14, layerscale_value=1.0, layer_norm_eps=1e-6)
+
+
+def build_vae(name: str) -> torch.nn.Module:
+    """The named VAE on the meta device (no memory, no init)."""
+    import diffusers
+
+    if name not in VAE_CONFIGS:
+        raise CrepaConfigError("vae", name, valid=" · ".join(VAE_CONFIGS))
+    cls, kwargs = VAE_CONFIGS[name]
+    with torch.device("meta"):
+        return getattr(diffusers, cls)(**kwargs).eval()
+
+
+def build_encoder(name: str) -> torch.nn.Module:
+    """A transformers DINOv2 (`_reg`: with 4 registers) on the meta device, SDPA attention."""
+    from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    from .config import canonical_encoder_name
+
+    key = canonical_encoder_name(name)
+    base, registers = key.removesuffix("_reg"), key.endswith("_reg")
+    if base not in DINOV2_CONFIGS:
+        raise CrepaConfigError("encoder", name, valid=" · ".join(
+            [*DINOV2_CONFIGS, *(f"{k}_reg" for k in DINOV2_CONFIGS)]))
+    kwargs = {**_DINOV2_COMMON, **DINOV2_CONFIGS[base]}
+    cfg = Dinov2WithRegistersConfig(num_register_tokens=4, **kwargs) if registers else Dinov2Config(**kwargs)
+    cfg._attn_implementation = "sdpa"  # what transformers picks on a GPU
+    with torch.device("meta"):
+        model = (Dinov2WithRegistersModel if registers else Dinov2Model)(cfg)
+    return model.eval()
+
+
+# ---------------------------------------------------------------- what is traced
+@dataclass(frozen=True)
+class Workload:
+    """One training clip: the model's VAE, the clip's shape, the encoder and its input size."""
+
+    model: str
+    frames: int
+    height: int
+    width: int
+    encoder: str = "dinov2_vitg14"
+    image_size: int = 518
+    batch: int = 1
+    vae_dtype: str = "bf16"
+
+    def __post_init__(self) -> None:
+        for key in ("frames", "height", "width", "batch"):
+            if getattr(self, key) < 1:
+                raise CrepaConfigError(key, getattr(self, key), valid="a positive integer")
+        if self.image_size < 14:
+            raise CrepaConfigError("image_size", self.image_size, valid="an integer ≥ 14 (a multiple of 14)")
+        if self.vae_dtype not in DTYPES:
+            raise CrepaConfigError("vae_dtype", self.vae_dtype, valid=" · ".join(DTYPES))
+        self.profile().check_shape(self.frames, self.height, self.width)
+
+    def profile(self):
+        from .profiles import get_model
+
+        return get_model(self.model)
+
+    def shapes(self) -> dict[str, int]:
+        """Latent grid and frame counts; DiT frames = latent frames / temporal patch."""
+        p = self.profile()
+        sc = p.vae.spatial_compression
+        t = p.latent_frames(self.frames)
+        return {"latent_channels": p.vae.latent_channels, "latent_frames": t, "latent_height": self.height // sc,
+                "latent_width": self.width // sc, "dit_frames": max(1, t // p.patch_size[0]),
+                "encoder_tokens": (self.image_size // 14) ** 2}
+
+
+@dataclass(frozen=True)
+class TeacherSettings:
+    """The candidate configuration (the `crepa-mem trace` options)."""
+
+    encoder_tier: str = "gpu"
+    vae_tier: str = "gpu"
+    chunk: int | None = None
+    encoder_dtype: str = "fp32"
+    vae_tiling: bool = False
+    vae_tile_size: int | None = None
+    drop_vae_encoder: bool = False
+    feature_cache: bool = False
+
+    def __post_init__(self) -> None:
+        self.config()  # validates every value with CrepaConfig's messages
+        if self.chunk is not None and self.chunk < 1:
+            raise CrepaConfigError("chunk", self.chunk, valid="an integer ≥ 1 (omit for all frames at once)")
+        if "cache" in (self.encoder_tier, self.vae_tier) and not self.feature_cache:
+            raise CrepaConfigError("tier", "cache", valid="gpu · swap · stream · device",
+                                   hint="use --feature-cache to trace the feature cache")
+
+    def config(self) -> CrepaConfig:
+        return CrepaConfig(encoder_tier=self.encoder_tier, vae_tier=self.vae_tier, encoder_dtype=self.encoder_dtype,
+                           encoder_frames_batch_size=self.chunk or -1, vae_tiling=self.vae_tiling,
+                           vae_tile_size=self.vae_tile_size, drop_vae_encoder=self.drop_vae_encoder,
+                           feature_cache="<traced>" if self.feature_cache else None)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TraceResult:
+    peak_bytes: int                      # most live bytes on the compute device at once
+    weights_bytes: int                   # resident on the compute device before the step
+    phases: dict[str, int] = field(default_factory=dict)   # peak per phase on the compute device
+    prefetch_bytes: int = 0              # stream tier: the prefetched block a CUDA side stream adds
+    host_peak_bytes: int = 0             # the CPU side, for the `device`/`swap`/`stream` tiers
+    wall_s: float = 0.0
+
+
+Progress = Callable[[str], None]
+
+
+# ---------------------------------------------------------------- the baseline recipe
+def simpletuner_teacher(vae, encoder, latents_BCThw, image_size: int, target_frames: int):
+    """SimpleTuner 4.10's teacher step, as its CrepaRegularizer runs it (REFERENCE §1.2, §1 costs):
+    decode every frame with `vae.decode`, keep the whole clip, resize every frame, encode all F frames
+    in one call, then keep the T' frames temporal alignment selects."""
+    z = denormalize_latents(latents_BCThw, vae).to(module_dtype(vae))
+    if type(vae).__name__ == "AutoencoderKLLTXVideo" and getattr(vae.config, "timestep_conditioning", False):
+        video = vae.decode(z, torch.zeros(z.shape[0], device=z.device, dtype=z.dtype)).sample
+    else:
+        video = vae.decode(z).sample
+    del z
+    video = video.clamp(-1, 1)
+    video = (video + 1.0) * 0.5
+    video = video.permute(0, 2, 1, 3, 4).contiguous()          # (B, F, 3, H, W), alive until the end
+    b, f, c, h, w = video.shape
+    frames = video.reshape(b * f, c, h, w)
+    frames = F.interpolate(frames, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    frames = frames.to(module_dtype(encoder))
+    mean = torch.tensor(IMAGENET_MEAN, device=frames.device, dtype=frames.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=frames.device, dtype=frames.dtype).view(1, 3, 1, 1)
+    frames = (frames - mean) / std
+    tokens = encode_tokens(encoder, frames)                      # all F frames in one call
+    del frames
+    tokens = tokens.reshape(b, f, tokens.shape[1], tokens.shape[2])
+    return tokens.index_select(1, temporal_indices(f, target_frames, device=tokens.device))
+
+
+# ---------------------------------------------------------------- running one trace
+def _count_calls(module, label: str, progress: Progress | None):
+    if progress is None or module is None:
+        return None
+    return module.register_forward_pre_hook(lambda *_: progress(label))
+
+
+def trace_baseline(workload: Workload, progress: Progress | None = None) -> TraceResult:
+    """SimpleTuner's recipe: fp32 encoder and VAE resident on the GPU, all frames in one call."""
+    return _trace(workload, TeacherSettings(), progress, baseline=True)
+
+
+def trace_candidate(workload: Workload, settings: TeacherSettings, progress: Progress | None = None) -> TraceResult:
+    """The crepa-mem teacher path with `settings`."""
+    return _trace(workload, settings, progress, baseline=False)
+
+
+def _trace(workload: Workload, settings: TeacherSettings, progress: Progress | None, *, baseline: bool) -> TraceResult:
+    start = time.perf_counter()
+    s = workload.shapes()
+    profile = workload.profile()
+    enc_dtype = DTYPES["fp32" if baseline else settings.encoder_dtype]
+    with fake_gpu() as tracker:
+        latents = torch.empty(workload.batch, s["latent_channels"], s["latent_frames"], s["latent_height"],
+                              s["latent_width"], device=FAKE_GPU)
+        if settings.feature_cache and not baseline:
+            return _trace_cache(workload, s, enc_dtype, tracker, start)
+        cfg = settings.config()
+        from .regularizer import prepare_vae
+
+        vae = prepare_vae(materialize(build_vae(profile.vae.name), "cpu", DTYPES[workload.vae_dtype]),
+                          cfg if not baseline else CrepaConfig())
+        encoder = materialize(build_encoder(workload.encoder), "cpu")
+        vae_p = place(vae, "gpu" if baseline else settings.vae_tier, compute_device=FAKE_GPU, teacher_device="cpu")
+        enc_p = place(encoder, "gpu" if baseline else settings.encoder_tier, compute_device=FAKE_GPU,
+                      teacher_device="cpu", dtype=enc_dtype)
+        weights = tracker.live_bytes(FAKE_GPU) - latents.untyped_storage().nbytes()
+        hooks = [_count_calls(getattr(vae, "decoder", None), "decode", progress)]
+        tracker.reset_peak()
+        try:
+            with tracker.phase("step"):
+                if baseline:
+                    if progress:
+                        hooks.append(_count_calls(encoder, "encode", progress))
+                    features = simpletuner_teacher(vae, encoder, latents, workload.image_size, s["dit_frames"])
+                else:
+                    path = TeacherPath(vae=vae_p, encoder=enc_p, image_size=workload.image_size,
+                                       compute_device=FAKE_GPU, frames_per_chunk=settings.chunk,
+                                       on_chunk=(lambda n: progress("encode")) if progress else None)
+                    features = path.features(latents, s["dit_frames"]).features
+            del features
+        finally:
+            for h in hooks:
+                if h is not None:
+                    h.remove()
+        prefetch = max((_stream_prefetch(p) for p in (vae_p, enc_p)), default=0)
+        return TraceResult(peak_bytes=tracker.peak_bytes(FAKE_GPU) + prefetch, weights_bytes=max(weights, 0),
+                           phases={k: v.get(str(FAKE_GPU), 0) for k, v in tracker.phase_peaks.items()},
+                           prefetch_bytes=prefetch, host_peak_bytes=tracker.peak_bytes("cpu"),
+                           wall_s=time.perf_counter() - start)
+
+
+def _stream_prefetch(placement) -> int:
+    """On CUDA the stream tier holds the next block while one runs (a side-stream prefetch the fake
+    run, having no streams, does not make): count the largest block once more."""
+    if placement.tier != "stream":
+        return 0
+    groups = placement.groups()
+    return max(groups) if groups else 0
+
+
+def _trace_cache(workload: Workload, s: dict, enc_dtype: torch.dtype, tracker: LiveBytes, start: float) -> TraceResult:
+    """The feature cache: no VAE, no encoder; the features of the selected frames are read to the GPU
+    in the cache's dtype and cast to fp32 for the loss, as the regularizer does."""
+    from .profiles import get_encoder
+
+    dim = get_encoder(workload.encoder).hidden_size
+    tracker.reset_peak()
+    with tracker.phase("step"):
+        feats = torch.empty(workload.batch, s["dit_frames"], s["encoder_tokens"], dim, dtype=enc_dtype,
+                            device=FAKE_GPU)
+        feats32 = feats.float()
+        del feats, feats32
+    return TraceResult(peak_bytes=tracker.peak_bytes(FAKE_GPU), weights_bytes=0,
+                       phases={k: v.get(str(FAKE_GPU), 0) for k, v in tracker.phase_peaks.items()},
+                       wall_s=time.perf_counter() - start)
+
+
+def compare(workload: Workload, settings: TeacherSettings, progress: Progress | None = None) -> dict:
+    """The `--json` report: baseline and candidate peaks and baseline / candidate."""
+    base = trace_baseline(workload, progress)
+    cand = trace_candidate(workload, settings, progress)
+    return {"baseline": {"peak_bytes": base.peak_bytes},
+            "candidate": {"peak_bytes": cand.peak_bytes, "settings": settings.to_dict()},
+            "ratio": base.peak_bytes / cand.peak_bytes if cand.peak_bytes else math.inf}
+
+
+def expected_steps(workload: Workload, settings: TeacherSettings) -> int:
+    """Progress total: decoder calls and encoder calls of both runs (Wan decodes per latent frame)."""
+    s, p = workload.shapes(), workload.profile()
+    per_frame = VAE_CONFIGS[p.vae.name][0] == "AutoencoderKLWan"  # decodes one latent frame per call
+    decode = s["latent_frames"] if per_frame else 1
+    sel = workload.batch * s["dit_frames"]
+    cand = 0 if settings.feature_cache else decode + (math.ceil(sel / settings.chunk) if settings.chunk else 1)
+    return decode + 1 + cand
+
+
+__all__ = ["Workload", "TeacherSettings", "TraceResult", "trace_baseline", "trace_candidate", "compare",
+           "simpletuner_teacher", "build_vae", "build_encoder", "expected_steps", "VAE_CONFIGS", "DINOV2_CONFIGS"]

@@ -1,0 +1,173 @@
+"""crepa_mem.trace: live-byte counting on a fake GPU, full-size configs, the baseline recipe, the CLI."""
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from crepa_mem.cli.app import app
+from crepa_mem.errors import CrepaConfigError
+from crepa_mem.profiles import get_encoder, get_vae
+from crepa_mem.teacher import encode_tokens
+from crepa_mem.tiers import module_bytes
+from crepa_mem.trace import (DINOV2_CONFIGS, VAE_CONFIGS, TeacherSettings, Workload, build_encoder, build_vae,
+                             compare, trace_baseline, trace_candidate)
+from crepa_mem.trace_runtime import FAKE_GPU, fake_gpu, materialize
+
+MiB = 2**20
+SMALL = dict(model="wan-2.1-1.3b", frames=9, height=64, width=64, encoder="dinov2_vits14", image_size=56)
+
+
+def test_live_bytes_counts_storages_once_and_frees_them():
+    with fake_gpu() as b:
+        x = torch.empty(1024, device=FAKE_GPU)                 # 4 KiB
+        view = x[10:20]                                         # same storage
+        y = torch.empty(256, dtype=torch.bfloat16, device=FAKE_GPU)  # 512 B
+        host = torch.empty(100)                                 # on the CPU, not counted for the GPU
+        assert b.live_bytes() == 4096 + 512 and b.live_bytes("cpu") == 400
+        del x, view
+        assert b.live_bytes() == 512 and b.peak_bytes() == 4096 + 512
+        with b.phase("p") as peaks:
+            z = y.float()                                       # 1 KiB more
+            del z
+        assert peaks[str(FAKE_GPU)] == 512 + 1024 and b.live_bytes() == 512
+        assert host.device.type == "cpu"
+
+
+def test_indexing_and_copies_on_the_fake_gpu_behave_like_torch():
+    with fake_gpu() as b:
+        x = torch.empty(2, 3, 8, 5, device=FAKE_GPU)
+        assert x[:, :, 2:4].shape == (2, 3, 2, 5) and x[1, ..., None].shape == (3, 8, 5, 1)
+        assert x[:, torch.tensor([0, 2], device=FAKE_GPU)].shape == (2, 2, 8, 5)
+        before = b.live_bytes()
+        x[0, 1] = x[1, 2]                                       # in place: no new storage
+        x.transpose(1, 2).contiguous()                          # a copy, freed at once
+        assert b.live_bytes() == before
+
+
+def test_attention_runs_as_the_fused_gpu_kernel_not_the_math_path():
+    heads, length, dim = 8, 4096, 64
+    with fake_gpu() as b:
+        q = torch.empty(1, heads, length, dim, device=FAKE_GPU)
+        before = b.live_bytes()
+        out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        assert out.shape == q.shape
+        scores = heads * length * length * 4  # what the math path would materialise (512 MiB)
+        extra = b.peak_bytes() - before - out.untyped_storage().nbytes()
+        assert 0 <= extra < scores / 1000
+
+
+@pytest.mark.parametrize("name", list(VAE_CONFIGS))
+def test_vae_configs_have_the_profiles_parameter_counts(name):
+    vae = build_vae(name)
+    assert next(vae.parameters()).device.type == "meta"
+    assert sum(p.numel() for p in vae.parameters()) == get_vae(name).params
+
+
+@pytest.mark.parametrize("name", [*DINOV2_CONFIGS, *(f"{n}_reg" for n in DINOV2_CONFIGS)])
+def test_encoder_configs_have_the_profiles_parameter_counts(name):
+    assert sum(p.numel() for p in build_encoder(name).parameters()) == get_encoder(name).params
+
+
+def test_trace_matches_simpletuner_pr_2258_measurement_within_ten_percent():
+    """REFERENCE §1: DINOv2-L, 64 frames at 224 px in one call peaked at 2133 MB, slices of 8 at 1352 MB
+    (torch.cuda.max_memory_allocated on a GPU, SimpleTuner PR #2258)."""
+    for frames, measured in ((64, 2133e6), (8, 1352e6)):
+        enc = build_encoder("dinov2_vitl14")
+        with fake_gpu() as b:
+            materialize(enc, FAKE_GPU)
+            encode_tokens(enc, torch.empty(frames, 3, 224, 224, device=FAKE_GPU))
+            assert abs(b.peak_bytes() / measured - 1) < 0.10
+
+
+def test_baseline_holds_fp32_encoder_and_vae_and_all_frames():
+    w = Workload(**SMALL)
+    base = trace_baseline(w)
+    enc_bytes = get_encoder("dinov2_vits14").params * 4
+    vae_bytes = get_vae("wan-2.1").params * 2
+    assert base.weights_bytes == enc_bytes + vae_bytes
+    assert base.peak_bytes > base.weights_bytes
+    same = trace_candidate(w, TeacherSettings())  # same tiers, but select-then-encode in chunks of all
+    assert same.weights_bytes == base.weights_bytes and same.peak_bytes <= base.peak_bytes
+
+
+def test_feature_cache_peak_is_exactly_latents_plus_features():
+    w = Workload(**SMALL)
+    s = w.shapes()
+    r = trace_candidate(w, TeacherSettings(feature_cache=True))
+    latents = s["latent_channels"] * s["latent_frames"] * s["latent_height"] * s["latent_width"] * 4
+    feats = s["dit_frames"] * s["encoder_tokens"] * 384 * 4
+    assert r.peak_bytes == latents + feats and r.weights_bytes == 0
+
+
+def test_swap_has_no_resident_weights_and_stream_counts_a_prefetched_block():
+    w = Workload(**SMALL)
+    swap = trace_candidate(w, TeacherSettings(encoder_tier="swap", vae_tier="swap"))
+    enc, vae = module_bytes(build_encoder("dinov2_vits14")), get_vae("wan-2.1").params * 2
+    gpu = trace_candidate(w, TeacherSettings())
+    # the teacher decodes, releases the VAE, then encodes: a swap tier holds one component at a time
+    assert swap.weights_bytes == 0 and max(enc, vae) < swap.peak_bytes < min(enc + vae, gpu.peak_bytes)
+    stream = trace_candidate(w, TeacherSettings(encoder_tier="stream", vae_tier="stream", chunk=1))
+    assert stream.weights_bytes < MiB and stream.prefetch_bytes > 0
+    assert stream.peak_bytes < swap.peak_bytes
+
+
+def test_mid_size_ratios():
+    """Encoder-heavy clip (17 frames, ViT-B at 224): streaming both components one frame at a time is
+    several times below SimpleTuner's recipe, and the feature cache is far below."""
+    w = Workload(model="wan-2.1-1.3b", frames=17, height=64, width=112, encoder="dinov2_vitb14", image_size=224)
+    frugal = TeacherSettings(encoder_tier="stream", vae_tier="stream", chunk=1, drop_vae_encoder=True)
+    r = compare(w, frugal)
+    assert set(r) == {"baseline", "candidate", "ratio"} and r["candidate"]["settings"] == frugal.to_dict()
+    assert r["ratio"] >= 4
+    cache = trace_candidate(w, TeacherSettings(feature_cache=True))
+    assert r["baseline"]["peak_bytes"] / cache.peak_bytes >= 50
+
+
+def test_settings_and_workload_validate_with_one_line_errors():
+    with pytest.raises(CrepaConfigError, match="crepa_mem_encoder_tier"):
+        TeacherSettings(encoder_tier="ram")
+    with pytest.raises(CrepaConfigError, match="chunk"):
+        TeacherSettings(chunk=0)
+    with pytest.raises(CrepaConfigError, match="frames"):
+        Workload(model="wan-2.1-1.3b", frames=10, height=64, width=64)
+
+
+# ---------------------------------------------------------------------------- CLI
+ARGS = ["trace", "--model", "wan-2.1-1.3b", "--frames", "9", "--height", "64", "--width", "64",
+        "--encoder", "dinov2_vits14", "--image-size", "56"]
+
+
+def test_cli_json_prints_exactly_the_report():
+    res = CliRunner().invoke(app, [*ARGS, "--encoder-tier", "swap", "--chunk", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert set(report) == {"baseline", "candidate", "ratio"}
+    assert set(report["baseline"]) == {"peak_bytes"} and set(report["candidate"]) == {"peak_bytes", "settings"}
+    assert report["candidate"]["settings"]["encoder_tier"] == "swap" and report["candidate"]["settings"]["chunk"] == 2
+    assert report["ratio"] == pytest.approx(report["baseline"]["peak_bytes"] / report["candidate"]["peak_bytes"])
+
+
+def test_cli_human_output_and_feature_cache():
+    res = CliRunner().invoke(app, [*ARGS, "--feature-cache"])
+    assert res.exit_code == 0, res.output
+    assert "baseline" in res.stdout and "ratio" in res.stdout and "feature_cache=True" in res.stdout
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--encoder-tier", "cache"], "--feature-cache"),
+    (["--vae-tier", "disk"], "--vae-tier"),
+    (["--chunk", "0"], "--chunk"),
+    (["--image-size", "500"], "multiple of 14"),
+    (["--frames", "10"], "frames=10"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(extra, needle):
+    res = CliRunner().invoke(app, [*ARGS, *extra])
+    assert res.exit_code == 2
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in res.output
+
+
+def test_cli_unknown_model_suggests_names():
+    res = CliRunner().invoke(app, ["trace", "--model", "wan-2.1-13b"])
+    assert res.exit_code == 2 and "did you mean" in res.stderr
