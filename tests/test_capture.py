@@ -227,10 +227,15 @@ def test_ltx_grid_from_video_coords():
         assert cap.grid == (2, 4, 6) and cap.hidden_states.shape == (1, 2, 24, 32)
 
 
-def test_kandinsky5_sparse_attention_tokens_are_put_back_in_raster_order():
+def test_kandinsky5_sparse_attention_tokens_are_put_back_in_raster_order(monkeypatch):
     """With to_fractal the blocks see 8×8-grouped tokens; the model un-groups before out_layer,
     whose input (B, T', h', w', D) is the raster truth the capture must match."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
     from diffusers.pipelines.kandinsky5.pipeline_kandinsky import Kandinsky5T2VPipeline
+
+    # set_attention_backend also sets the process-wide active backend (diffusers 0.42), which
+    # reset_attention_backend does not undo: restore it so later tests in this worker keep SDPA.
+    monkeypatch.setattr(_AttentionBackendRegistry, "_active_backend", _AttentionBackendRegistry._active_backend)
 
     model = tiny_transformer("kandinsky5_video", num_layers=2)
     model.set_attention_backend("flex")  # nabla sparse attention builds a flex BlockMask
