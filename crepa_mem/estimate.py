@@ -12,9 +12,9 @@ phases names them joined by '+', e.g. the features live from `encode` through `l
     loss      fp32 copy of the captured block output → projector → resample → cosine terms, + backward
 peak = the largest phase total (each total includes the resident terms).
 
-Tiers change where weights live: gpu = resident; swap = on the device for the module's whole `active()`
-block of the teacher step (the encoder's spans decode and encode); stream = ~2 blocks during its own
-phase; device/cache = nothing on the training GPU.
+Tiers change where weights live: gpu = resident; swap = on the device for the module's own phase only
+(the teacher decodes everything first, releases the VAE, then brings the encoder in); stream = ~2 blocks
+during its own phase; device/cache = nothing on the training GPU.
 The coefficients in CALIBRATION come from fake-tensor traces of the real diffusers/transformers modules
 (FakeTensorMode + a dispatch mode summing live storage bytes, weights excluded); they are to be refitted
 against `crepa_mem.trace` (tests/test_calibration.py checks ±10 %).
@@ -39,7 +39,7 @@ CALIBRATION = {
     "vae_cache_elems": {"wan-2.1": 592, "wan-2.2": 447},
     "vae_cache_elems_default": 592,
     # Same under vae.enable_tiling(), per pixel-frame of one tile (LTX's tiled decoder peaks lower).
-    "vae_decode_tiled_elems": {"ltx-0.9.5": 12.2, "ltx-0.9.0": 12.2},
+    "vae_decode_tiled_elems": {"ltx-0.9.5": 45, "ltx-0.9.0": 45},  # refitted on crepa_mem.trace, case 13
     # Tiled decode: the output plus the decoded tiles kept until blending, in units of the output
     # (Wan 2.1, 256-px tiles with stride 192, 81 frames at 480×832: 1.4; LTX's 512/448 tiles: 1.0).
     "vae_tiled_output_factor": {"ltx-0.9.5": 1.0, "ltx-0.9.0": 1.0},
@@ -51,8 +51,9 @@ CALIBRATION = {
     # Copies of one chunk's resized pixels in the encoder dtype on the way in (normalised input and one
     # temporary); the stacked full-size frames and the resize output in the VAE dtype come on top.
     "encoder_input_copies": 2,
-    # Diffusers group offloading keeps about two of the decoder's top-level blocks on the device.
-    "vae_stream_fraction": 0.5,
+    # Diffusers group offloading keeps the decoder's two largest groups on the device: 0.2–0.3 of its
+    # weights in traces of the Wan and LTX decoders (benchmarks/calibration_matrix.py).
+    "vae_stream_fraction": 0.3,
     # RamTorch OffloadModel(window=2): two encoder layers on the device.
     "stream_window": 2,
     # Bytes per trainable projector parameter: fp32 weight + grad + Adam exp_avg + exp_avg_sq.
@@ -193,34 +194,31 @@ def estimate(model: ModelProfile, encoder: EncoderProfile, *, frames: int, heigh
     # -- resident: projector (trainable, fp32) with its gradient and Adam's two states
     add("projector", projector_params(d_dit, d_enc) * CALIBRATION["projector_bytes_per_param"], "resident")
 
-    # The teacher (crepa_mem.teacher.TeacherPath.features) decodes the whole batch, keeps a copy of each
-    # selected frame as it comes, and encodes a chunk whenever `chunk` frames are pending; with the
-    # default (all frames in one chunk) every encode happens after the decode has finished and the
-    # VAE has left its `active()` block. Chunked, encodes interleave with the decode loop.
-    chunked = chunk < total_frames
+    # The teacher (crepa_mem.teacher.TeacherPath.features) decodes the whole batch keeping a copy of each
+    # selected frame as it comes, leaves the VAE's `active()` block, and only then encodes the kept
+    # frames `chunk` at a time: decode and encode never overlap.
     vae = model.vae
     streamed = vae_tier in ON_GPU and is_streamed_decode(vae, height, width, vae_tiling)
     teacher = "decode+encode"
-    vae_live = teacher if chunked else "decode"  # phases where the VAE block is still open
 
     # -- weights by tier: swap moves a module in for its whole `active()` block, stream keeps ~2 blocks
     vae_w = vae_weight_bytes(vae, vae_dtype, drop_vae_encoder)
     add("vae_weights", {"gpu": vae_w, "swap": vae_w, "stream": vae_w * CALIBRATION["vae_stream_fraction"]}
-        .get(vae_tier, 0), {"gpu": "resident", "swap": vae_live}.get(vae_tier, "decode"))
+        .get(vae_tier, 0), "resident" if vae_tier == "gpu" else "decode")
     enc_w = encoder.params * eb
     stream_w = CALIBRATION["stream_window"] * encoder_layer_params(encoder) * eb
     add("encoder_weights", {"gpu": enc_w, "swap": enc_w, "stream": stream_w}.get(encoder_tier, 0),
-        {"gpu": "resident", "swap": teacher}.get(encoder_tier, "encode"))
+        "resident" if encoder_tier == "gpu" else "encode")
 
     # -- decode
     if vae_tier in ON_GPU:
         lat_h, lat_w = height // vae.spatial_compression, width // vae.spatial_compression
-        add("latents", batch * vae.latent_channels * t_lat * lat_h * lat_w * vb, vae_live)
+        add("latents", batch * vae.latent_channels * t_lat * lat_h * lat_w * vb, "decode")
         act = batch * vae_decode_activation_bytes(vae, frames, height, width, tiling=vae_tiling, dtype=vae_dtype)
         frame = 3 * height * width * vb
         if streamed:  # Wan, one latent frame per call: its causal cache lives until the loop ends
             cache = batch * vae_cache_bytes(vae, height, width, vae_dtype)
-            add("vae_decode_cache", cache, vae_live)
+            add("vae_decode_cache", cache, "decode")
             add("vae_decode_activations", act - cache, "decode")
             add("decoded_frames", batch * vae.temporal_compression * frame, "decode")
         else:  # one call: the whole clip comes out at once (tiled: plus the tiles kept for blending)
@@ -231,11 +229,9 @@ def estimate(model: ModelProfile, encoder: EncoderProfile, *, frames: int, heigh
                                                                    CALIBRATION["vae_tiled_output_factor_default"])
             add("decoded_video", batch * frames * frame * factor, "decode")
 
-    # -- encode: pending selected frames, one chunk's input and activations
+    # -- encode: the kept selected frames (gathered during the decode), one chunk's input and activations
     if encoder_tier in ON_GPU:
-        step = batch * vae.temporal_compression if streamed else total_frames  # frames one decode call adds
-        pending = min(total_frames, chunk + step) if chunked else total_frames
-        add("selected_frames", pending * 3 * height * width * vb, teacher if streamed or chunked else "encode")
+        add("selected_frames", total_frames * 3 * height * width * vb, teacher)
         # stacked chunk (VAE dtype) + its resized copy + the normalised input (encoder dtype, one temporary)
         add("encoder_input", chunk * 3 * (height * width * vb + image_size * image_size
                                           * (vb + CALIBRATION["encoder_input_copies"] * eb)), "encode")
@@ -243,8 +239,7 @@ def estimate(model: ModelProfile, encoder: EncoderProfile, *, frames: int, heigh
 
     # -- features (B, T_sel, N, D) in the encoder dtype: allocated at the first encoded chunk, then
     # carried to the loss; from the cache or the other device they arrive just before the loss
-    feat_phase = ("decode+encode+loss" if chunked and vae_tier in ON_GPU else "encode+loss") \
-        if encoder_tier in ON_GPU else "loss"
+    feat_phase = "encode+loss" if encoder_tier in ON_GPU else "loss"
     add("features", total_frames * n_enc * d_enc * eb, feat_phase)
 
     # -- loss: fp32 path of the captured block output, with what backward holds

@@ -65,9 +65,10 @@ def test_encoder_tiers():
     enc_w = G.params * 4
     gpu, swap, stream = (est(encoder_tier=t) for t in ("gpu", "swap", "stream"))
     assert phase_of(gpu, "encoder_weights") == ["resident"]
-    # swap: on the GPU for the teacher step (its active() block spans the decode), not for the loss
-    assert phase_of(swap, "encoder_weights") == ["decode+encode"] and swap.components["encoder_weights"] == enc_w
+    # swap: on the GPU for the encode phase only (the teacher decodes first, then brings the encoder in)
+    assert phase_of(swap, "encoder_weights") == ["encode"] and swap.components["encoder_weights"] == enc_w
     assert gpu.phase_bytes["loss"] - swap.phase_bytes["loss"] == enc_w
+    assert gpu.phase_bytes["decode"] - swap.phase_bytes["decode"] == enc_w
     assert gpu.phase_bytes["encode"] == swap.phase_bytes["encode"]
     assert stream.components["encoder_weights"] == 2 * E.encoder_layer_params(G) * 4  # window of two layers
     assert phase_of(stream, "encoder_weights") == ["encode"]
@@ -80,9 +81,9 @@ def test_encoder_tiers():
 
 def test_vae_tiers_tiling_and_drop():
     gpu, swap, dev = (est(vae_tier=t) for t in ("gpu", "swap", "device"))
-    # unchunked, every encode runs after the VAE's active() block: a swapped VAE is gone by then
+    # every encode runs after the VAE's active() block, chunked or not: a swapped VAE is gone by then
     assert swap.phase_bytes["encode"] == gpu.phase_bytes["encode"] - gpu.components["vae_weights"]
-    assert phase_of(est(vae_tier="swap", frames_per_chunk=4), "vae_weights") == ["decode+encode"]
+    assert phase_of(est(vae_tier="swap", frames_per_chunk=4), "vae_weights") == ["decode"]
     assert "vae_decode_activations" not in dev.components and "vae_weights" not in dev.components
     dropped = est(drop_vae_encoder=True)
     assert gpu.components["vae_weights"] - dropped.components["vae_weights"] == WAN14.vae.params_encoder * 2
@@ -97,10 +98,11 @@ def test_chunks_scale_encoder_activations():
     assert est(frames_per_chunk=7).components["encoder_activations"] == 7 * one
     assert est(frames_per_chunk=-1).components["encoder_activations"] == 21 * one
     assert est(frames_per_chunk=100).components["encoder_activations"] == 21 * one
-    # chunked, encodes interleave with Wan's decode loop: its causal cache is alive while encoding
-    assert phase_of(est(frames_per_chunk=4), "vae_decode_cache") == ["decode+encode"]
+    # the decode finishes (and Wan's causal cache is freed) before the first chunk is encoded; all 21
+    # selected frames are kept from the decode into the encode, chunked or not
+    assert phase_of(est(frames_per_chunk=4), "vae_decode_cache") == ["decode"]
     assert phase_of(est(), "vae_decode_cache") == ["decode"]
-    assert est(frames_per_chunk=4).components["selected_frames"] == (4 + 4) * 3 * 480 * 832 * 2
+    assert est(frames_per_chunk=4).components["selected_frames"] == 21 * 3 * 480 * 832 * 2
 
 
 def test_decode_scaling_differs_by_family():
