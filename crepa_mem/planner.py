@@ -82,7 +82,10 @@ class Plan:
     def to_config(self, base: CrepaConfig | None = None) -> CrepaConfig:
         """The plan's settings over `base` (or the config given to plan(), or the defaults)."""
         base = base or self.base_config or CrepaConfig(enabled=True, block_index=self.model.recommended_block)
-        return CrepaConfig.from_dict({**base.to_dict(), "crepa_enabled": True, **self.settings})
+        settings = dict(self.settings)
+        if base.block_index is not None:  # the student block is the user's choice, not a memory setting
+            settings.pop("crepa_block_index", None)
+        return CrepaConfig.from_dict({**base.to_dict(), "crepa_enabled": True, **settings})
 
 
 # ---------------------------------------------------------------------------- search space
@@ -240,6 +243,10 @@ def plan(model: str | ModelProfile, gpu: str | DeviceInfo = "auto", *, frames: i
     dev = gpu if isinstance(gpu, DeviceInfo) else resolve_gpu(gpu, profiles_dir=profiles_dir)
     others = other_visible_gpus(dev, profiles_dir=profiles_dir) if teacher_gpus is None else teacher_gpus
     roomy = [d for d in others if d.cuda_index is not None]
+    if not dev.total_bytes or dev.total_bytes <= 0:
+        raise CrepaConfigError("gpu", gpu if isinstance(gpu, str) else dev.name, valid="a GPU with memory > 0")
+    if train_gib is not None and train_gib * GiB >= dev.total_bytes:
+        raise CrepaConfigError("train_gib", train_gib, valid=f"less than the GPU's {dev.total_bytes / GiB:.2f} GiB")
     headroom_bytes = int(headroom * dev.total_bytes)
     if train_gib is None:
         train, avail = dev.used_bytes or 0, dev.free_bytes
@@ -281,6 +288,10 @@ def plan(model: str | ModelProfile, gpu: str | DeviceInfo = "auto", *, frames: i
     fits = chosen is not None
     c, e, cost, rank = chosen or smallest
     reasons, costs = _explain(ctx, c, e, cost, baseline, fits, smallest)
+    if train_gib is None and dev.source in ("catalog", "size"):
+        reasons.append(f"training's own use is unknown for a card that is not inspected live ({dev.name}): "
+                          f"assumed 0 B, so this plan is optimistic; pass --train-gib with what your training "
+                          f"uses without CREPA")
     shape = dict(frames=frames, height=height, width=width, batch=batch, latent_frames=m.latent_frames(frames),
                  dit_tokens_per_frame=m.tokens_per_frame(height, width))
     budget_d = dict(total_bytes=dev.total_bytes, free_bytes=dev.free_bytes, reserved_bytes=dev.reserved_bytes,

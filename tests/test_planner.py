@@ -128,6 +128,8 @@ def test_to_config_applies_the_settings_over_a_base():
     assert (c.encoder_tier, c.vae_tier, c.vae_tiling) == (p.tiers["encoder"], p.tiers["vae"], True)
     assert CrepaConfig.from_dict(c.to_dict()) == c
     assert run(16).to_config().block_index == get_model("wan-2.1-14b").recommended_block
+    # a config handed over later keeps its own student block (wrap(config=…, plan=…))
+    assert run(16).to_config(CrepaConfig(enabled=True, block_index=3)).block_index == 3
 
 
 def test_forced_options():
