@@ -289,9 +289,10 @@ def plan(model: str | ModelProfile, gpu: str | DeviceInfo = "auto", *, frames: i
     c, e, cost, rank = chosen or smallest
     reasons, costs = _explain(ctx, c, e, cost, baseline, fits, smallest)
     if train_gib is None and dev.source in ("catalog", "size"):
-        reasons.append(f"training's own use is unknown for a card that is not inspected live ({dev.name}): "
-                          f"assumed 0 B, so this plan is optimistic; pass --train-gib with what your training "
-                          f"uses without CREPA")
+        i = next((k for k, r in enumerate(reasons) if r.startswith("budget")), 0)
+        reasons[i] += (f"; training's own use is unknown for a card not inspected live ({dev.name}), so it is "
+                       f"taken as 0 B and this plan is optimistic: pass --train-gib with what training uses "
+                       f"without CREPA")
     shape = dict(frames=frames, height=height, width=width, batch=batch, latent_frames=m.latent_frames(frames),
                  dit_tokens_per_frame=m.tokens_per_frame(height, width))
     budget_d = dict(total_bytes=dev.total_bytes, free_bytes=dev.free_bytes, reserved_bytes=dev.reserved_bytes,
