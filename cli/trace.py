@@ -65,8 +65,9 @@ def register(app: typer.Typer) -> None:
         from crepa_mem.profiles import get_encoder
 
         get_encoder(encoder)  # unknown names fail here with suggestions
-        workload = Workload(model=profile.name, frames=frames or profile.default_frames,
-                            height=height or profile.default_height, width=width or profile.default_width,
+        pick = lambda given, default: default if given is None else given  # noqa: E731 - 0 is bad input, not "default"
+        workload = Workload(model=profile.name, frames=pick(frames, profile.default_frames),
+                            height=pick(height, profile.default_height), width=pick(width, profile.default_width),
                             encoder=encoder, image_size=image_size, batch=batch, vae_dtype=vae_dtype)
         settings = TeacherSettings(encoder_tier=encoder_tier, vae_tier=vae_tier, chunk=chunk,
                                    encoder_dtype=encoder_dtype, vae_tiling=vae_tiling, vae_tile_size=vae_tile_size,

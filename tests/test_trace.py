@@ -160,6 +160,8 @@ def test_cli_human_output_and_feature_cache():
     (["--chunk", "0"], "--chunk"),
     (["--image-size", "500"], "multiple of 14"),
     (["--frames", "10"], "frames=10"),
+    (["--frames", "0"], "frames=0"),  # 0 is bad input, not "the default"
+    (["--height", "0"], "height=0"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(extra, needle):
     res = CliRunner().invoke(app, [*ARGS, *extra])
