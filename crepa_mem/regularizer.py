@@ -101,11 +101,14 @@ class CrepaRegularizer:
             raise ValueError("CREPA is enabled but no intermediate hidden states were provided.")
         if hidden_states.ndim not in (3, 4):
             raise ShapeError(f"hidden states must be (B, T', P, D), got {tuple(hidden_states.shape)}")
-        projected = project(self.projector, hidden_states.to(self.device))
+        # The projector may have been moved with the model (accelerator.prepare) after we were built:
+        # compute where it is now.
+        device = next(self.projector.parameters()).device
+        projected = project(self.projector, hidden_states.to(device))
         teacher_grid = dit_grid
         facts: dict[str, Any] = {}
         if frame_features is not None:
-            features = frame_features.detach().to(self.device).float()
+            features = frame_features.detach().to(device).float()
             if features.ndim == 3:
                 features = features.unsqueeze(2)
         else:
@@ -117,7 +120,7 @@ class CrepaRegularizer:
             if self.teacher is None:
                 raise ValueError("no teacher: backbone mode needs frame_features, otherwise pass an encoder/VAE")
             result: TeacherFeatures = self._teacher_features(latents, projected.shape[1], dit_grid)
-            features, teacher_grid = result.features.float(), result.grid
+            features, teacher_grid = result.features.to(device).float(), result.grid
             facts = {f"crepa_teacher_{k}": v for k, v in result.stats.items()}
         if not torch.isfinite(features).all():
             if not self._warned_nonfinite:
@@ -155,12 +158,14 @@ class CrepaRegularizer:
 
     def _teacher_features(self, latents: Tensor, target_frames: int, dit_grid) -> TeacherFeatures:
         cuda = self.device.type == "cuda"
-        if cuda:
+        if cuda:  # note: this resets CUDA's peak-memory statistics at the start of every teacher step
             torch.cuda.reset_peak_memory_stats(self.device)
             before = torch.cuda.memory_allocated(self.device)
         result = self.teacher.features(latents, target_frames, dit_grid)
-        result.stats.setdefault("encoder_tier", self.teacher.encoder.tier if hasattr(self.teacher, "encoder") else "cache")
-        result.stats.setdefault("vae_tier", self.teacher.vae.tier if getattr(self.teacher, "vae", None) else "cache")
+        for part in ("encoder", "vae"):  # a feature-cache teacher has neither attribute; a TeacherPath may lack a VAE
+            placed = getattr(self.teacher, part, None)
+            tier = placed.tier if placed is not None else ("none" if hasattr(self.teacher, part) else "cache")
+            result.stats.setdefault(f"{part}_tier", tier)
         if cuda:
             result.stats["peak_bytes"] = int(torch.cuda.max_memory_allocated(self.device) - before)
         return result

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import TeacherOutOfMemoryError
+from .errors import ShapeError, TeacherOutOfMemoryError
 from .loss import temporal_indices
 from .tiers import Placement
 
@@ -255,6 +255,9 @@ class TeacherPath:
                 start += pixels.shape[2]
                 del pixels
         del z
+        if start != num_pixel:  # slots of frames that never came would stay uninitialised
+            raise ShapeError(f"{type(vae_mod).__name__} decoded {start} frames from {latents_BCThw.shape[2]} latent "
+                             f"frames; expected {num_pixel} (1 + temporal compression × (T − 1))")
         # Phase 2, encode `chunk` frames at a time: a chunk's resized images and activations are freed
         # before the next chunk's are made.
         with self.encoder.active() as encoder:

@@ -28,6 +28,15 @@ from .tiers import module_device
 PROJECTOR_FILE = "crepa_projector.safetensors"
 
 
+def training_device(model: nn.Module) -> torch.device:
+    """Where training will run: the model's device once it is on an accelerator; before
+    `accelerator.prepare` (model still on the CPU) this rank's GPU (LOCAL_RANK) when CUDA exists."""
+    device = module_device(model)
+    if device.type != "cpu" or not torch.cuda.is_available():
+        return device
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
 def _as_config(config: CrepaConfig | Mapping[str, Any] | str | os.PathLike | None) -> CrepaConfig:
     if config is None:
         return CrepaConfig(enabled=True)
@@ -162,7 +171,7 @@ def wrap(transformer: nn.Module, *, vae: nn.Module | None = None, encoder: nn.Mo
     if feature_cache is not None:
         cfg = cfg.replace(feature_cache=str(feature_cache), encoder_tier="cache", vae_tier="cache")
     base = unwrap(transformer)
-    device = torch.device(device) if device is not None else module_device(base)
+    device = torch.device(device) if device is not None else training_device(base)
     teacher_block = None
     if cfg.backbone_mode:
         teacher_block = cfg.teacher_block_index if cfg.teacher_block_index is not None else cfg.block_index

@@ -139,3 +139,13 @@ def test_ltx_timestep_conditioned_decoder_runs_with_a_zero_timestep():
     with torch.no_grad():
         frames = list(iter_decoded_frames(vae, torch.randn(1, 128, 2, 1, 1)))
     assert frames[0].shape[2] == pixel_frames(vae, 2)
+
+
+def test_a_vae_that_yields_too_few_frames_is_an_error_not_garbage(monkeypatch):
+    import crepa_mem.teacher as teacher
+    from crepa_mem.errors import ShapeError
+
+    real = teacher.iter_decoded_frames
+    monkeypatch.setattr(teacher, "iter_decoded_frames", lambda vae, z: iter([next(real(vae, z))]))
+    with pytest.raises(ShapeError, match="decoded 1 frames from 3 latent frames; expected 9"):
+        _path(tiny_vae("wan"), tiny_dinov2()).features(torch.randn(1, 16, 3, 4, 4), 3)
