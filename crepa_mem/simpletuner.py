@@ -96,6 +96,7 @@ class CrepaRegularizer:
         self.encoder_dim: int | None = None
         self.projector: nn.Module | None = None
         self._regularizer = None  # crepa_mem.regularizer.CrepaRegularizer, built by attach_to_model
+        self._model: nn.Module | None = None  # the model the projector is registered on
         self._calls = 0
 
     # ------------------------------------------------------------------ SimpleTuner's public surface
@@ -115,6 +116,7 @@ class CrepaRegularizer:
             teacher = self._regularizer.teacher
             self.encoder = getattr(getattr(teacher, "encoder", None), "module", None)
             setattr(model, "crepa_projector", self.projector)  # optimizer, prepare and checkpoints see it
+            self._model = model
         self.projector.to(device=self.device, dtype=torch.float32)
 
     def wants_hidden_states(self) -> bool:
@@ -147,7 +149,11 @@ class CrepaRegularizer:
         if step is None:
             step = self._calls
         self._calls += 1
-        self._regularizer.projector = self.projector  # in case a wrapper (PEFT) re-registered it
+        if self._model is not None:  # PEFT modules_to_save trains a copy registered in its place: use that
+            from .wrap import trained_projector
+
+            self.projector = trained_projector(self._model, fallback=self.projector)
+        self._regularizer.projector = self.projector
         return self._regularizer.compute_loss(hidden_states, latents, int(step),
                                               frame_features=frame_features if self.use_backbone_features else None)
 

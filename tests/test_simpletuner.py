@@ -189,3 +189,19 @@ def test_patch_rebinds_the_class_where_simpletuner_imported_it(tmp_path, monkeyp
     finally:
         for name in [n for n in sys.modules if n == "simpletuner" or n.startswith("simpletuner.")]:
             del sys.modules[name]
+
+
+def test_follows_a_projector_copy_registered_in_its_place(accelerator):
+    """PEFT's modules_to_save trains a copy registered as model.crepa_projector: the loss must use it."""
+    ns = Namespace(crepa_enabled=True, crepa_block_index=0, crepa_use_backbone_features=True,
+                   crepa_teacher_block_index=1)
+    reg = CrepaRegularizer(ns, accelerator, hidden_size=8)
+    model = torch.nn.Module()
+    reg.attach_to_model(model)
+    copy = torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.Linear(8, 8))
+    copy.load_state_dict(model.crepa_projector.state_dict())
+    model.crepa_projector = copy
+    hidden, teacher = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)
+    loss, _ = reg.compute_loss(hidden, None, frame_features=teacher, step=0)
+    loss.backward()
+    assert copy[1].weight.grad is not None and reg.projector is copy
