@@ -223,6 +223,9 @@ def _validate(c: CrepaConfig) -> None:
     need(bool(c.encoder), "crepa_encoder", c.encoder, "a DINOv2 name such as dinov2_vitg14")
     need(c.encoder_image_size >= 64, "crepa_encoder_image_size", c.encoder_image_size, "an integer ≥ 64 (a multiple of 14)")
     need(c.feature_source in FEATURE_SOURCES, "crepa_feature_source", c.feature_source, " · ".join(FEATURE_SOURCES))
+    if c.feature_source == "self_flow":
+        raise CrepaConfigError("crepa_feature_source", c.feature_source, valid="encoder · backbone",
+                               hint="self_flow is not supported by crepa-mem")
     need(c.teacher_block_index is None or c.teacher_block_index >= 0,
          "crepa_teacher_block_index", c.teacher_block_index, "an integer ≥ 0")
     need(c.scheduler in SCHEDULERS, "crepa_scheduler", c.scheduler, " · ".join(SCHEDULERS))
@@ -239,5 +242,9 @@ def _validate(c: CrepaConfig) -> None:
     need(c.vae_tier in TIERS, "crepa_mem_vae_tier", c.vae_tier, " · ".join(TIERS))
     need(c.encoder_dtype in ENCODER_DTYPES, "crepa_mem_encoder_dtype", c.encoder_dtype, " · ".join(ENCODER_DTYPES))
     need(c.vae_tile_size is None or c.vae_tile_size >= 64, "crepa_mem_vae_tile_size", c.vae_tile_size, "an integer ≥ 64 or null")
+    if (c.encoder_tier == "cache") != (c.vae_tier == "cache"):  # cached features replace both components
+        raise CrepaConfigError("crepa_mem_vae_tier" if c.encoder_tier == "cache" else "crepa_mem_encoder_tier",
+                               c.vae_tier if c.encoder_tier == "cache" else c.encoder_tier,
+                               valid="cache as well: a feature cache replaces both the encoder and the VAE")
     need(not (c.encoder_tier == "cache" or c.vae_tier == "cache") or c.feature_cache is not None,
          "crepa_mem_feature_cache", c.feature_cache, "a directory when a tier is `cache`")

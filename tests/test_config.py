@@ -78,3 +78,14 @@ def test_from_file_bad_json(tmp_path):
     p.write_text("{not json")
     with pytest.raises(CrepaConfigError, match="JSON"):
         CrepaConfig.from_file(p)
+
+
+def test_self_flow_is_refused_not_silently_run_as_encoder_mode():
+    with pytest.raises(CrepaConfigError, match="self_flow is not supported"):
+        CrepaConfig(feature_source="self_flow")
+
+
+def test_cache_tier_covers_both_components():
+    with pytest.raises(CrepaConfigError, match="replaces both"):
+        CrepaConfig(encoder_tier="cache", vae_tier="gpu", feature_cache="/tmp/f")
+    assert CrepaConfig(encoder_tier="cache", vae_tier="cache", feature_cache="/tmp/f").vae_tier == "cache"

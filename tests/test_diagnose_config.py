@@ -89,7 +89,7 @@ def test_cross_key_rule_after_single_keys_pass(primed):
     findings = _check({"crepa_enabled": True, "crepa_block_index": None})
     (f,) = [f for f in findings if f.code == "invalid_option"]
     assert f.details["key"] == "crepa_block_index" and "must be set" in f.message
-    findings = _check({"crepa_enabled": True, "crepa_mem_encoder_tier": "cache"})
+    findings = _check({"crepa_enabled": True, "crepa_mem_encoder_tier": "cache", "crepa_mem_vae_tier": "cache"})
     assert [f.details["key"] for f in findings if f.code == "invalid_option"] == ["crepa_mem_feature_cache"]
 
 
@@ -179,7 +179,8 @@ def test_local_encoder_path(caches, tmp_path):
 
 
 def test_feature_cache_tier_needs_no_encoder_weights(caches):
-    cfg = {"crepa_enabled": True, "crepa_mem_encoder_tier": "cache", "crepa_mem_feature_cache": "feats/"}
+    cfg = {"crepa_enabled": True, "crepa_mem_encoder_tier": "cache", "crepa_mem_vae_tier": "cache",
+           "crepa_mem_feature_cache": "feats/"}
     assert _check(cfg) == []
 
 
