@@ -55,6 +55,8 @@ def _option_findings(cfg: dict[str, Any]) -> list[Finding]:
         probe = {key: value}
         if key != "crepa_mem_feature_cache":  # the cache-dir rule is cross-key: judged below
             probe["crepa_mem_feature_cache"] = "."
+        if key in ("crepa_mem_encoder_tier", "crepa_mem_vae_tier") and value == "cache":
+            probe.update(crepa_mem_encoder_tier="cache", crepa_mem_vae_tier="cache")  # pairing: judged below
         try:
             CrepaConfig.from_dict(probe)
         except CrepaConfigError as e:
