@@ -366,7 +366,8 @@ def _explain(ctx: _Ctx, c: Candidate, e: est.Estimate, cost: dict[str, float], b
         choice("crepa_mem_feature_cache", FEATURE_CACHE_DIR, "teacher features precomputed once with `crepa-mem cache "
                "build` at latent-caching time; no VAE or DINOv2 on the GPU while training",
                "none for cached latents; augmentations after caching are not seen",
-               f"~0 per step; one teacher pass over the dataset up front, ~{f(per_clip)} of disk per clip")
+               f"no teacher compute per step, but each clip's ~{f(per_clip)} is read from disk and checksummed "
+               f"(sha256, ~1 GB/s on one CPU core); one teacher pass over the dataset up front")
     for key, tier, what, full in (("crepa_mem_vae_tier", c.vae_tier, "the VAE", e.components.get("vae_weights", 0)),
                                   ("crepa_mem_encoder_tier", c.encoder_tier, "DINOv2",
                                    e.components.get("encoder_weights", 0))):
