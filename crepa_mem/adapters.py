@@ -77,7 +77,7 @@ class CrepaHooks:
                  device: torch.device | str | None = None, max_train_steps: int | None = None,
                  blocks: str | Sequence[nn.Module] | None = None, hidden_size: int | None = None,
                  patch_size: tuple[int, int, int] = (1, 2, 2)):
-        from .wrap import _as_config, wrap
+        from .wrap import resolve_config, training_device, wrap
 
         config = _trainer_config(config)
         self.transformer = transformer
@@ -91,13 +91,8 @@ class CrepaHooks:
             return
         # a trainer's own DiT: the block list and width are named by the caller
         from .regularizer import CrepaRegularizer
-        from .tiers import module_device
 
-        cfg = _as_config(config)
-        if plan is not None:
-            cfg = plan.to_config(cfg)
-        if feature_cache is not None:
-            cfg = cfg.replace(feature_cache=str(feature_cache), encoder_tier="cache", vae_tier="cache")
+        cfg = resolve_config(config, plan, feature_cache)
         if cfg.backbone_mode:
             raise CaptureError("backbone mode (crepa_use_backbone_features) needs the teacher block too: it is "
                                "supported for diffusers transformers only; use the encoder mode here")
@@ -111,7 +106,7 @@ class CrepaHooks:
                                f"block indices are 0..{n - 1}, got {cfg.block_index!r}")
         self.patch_size = tuple(int(p) for p in patch_size)
         self.config = cfg
-        device = torch.device(device) if device is not None else module_device(transformer)
+        device = torch.device(device) if device is not None else training_device(transformer)
         self.regularizer = CrepaRegularizer(cfg, int(hidden_size), encoder=encoder, vae=vae, device=device,
                                             max_train_steps=max_train_steps)
         self.regularizer.projector.requires_grad_(True)
@@ -153,24 +148,15 @@ class CrepaHooks:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, directory: str | os.PathLike) -> Path:
-        from .wrap import PROJECTOR_FILE
+        """Writes `directory`/crepa_projector.safetensors (the same file `wrap` writes)."""
+        from .wrap import save_projector
 
-        if self._crepa is not None:
-            return self._crepa.save_projector(directory)
-        from safetensors.torch import save_file
-
-        path = Path(directory) / PROJECTOR_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.projector.state_dict().items()}, str(path))
-        return path
+        return save_projector(self.projector, directory)
 
     def load(self, directory_or_file: str | os.PathLike) -> None:
-        from safetensors.torch import load_file
+        from .wrap import load_projector
 
-        from .wrap import PROJECTOR_FILE
-
-        path = Path(directory_or_file)
-        self.projector.load_state_dict(load_file(str(path / PROJECTOR_FILE if path.is_dir() else path)))
+        load_projector(self.projector, directory_or_file)
 
     def remove(self) -> None:
         """Take the hooks and the projector off the model (idempotent)."""

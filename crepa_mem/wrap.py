@@ -37,6 +37,46 @@ def training_device(model: nn.Module) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def projector_state_dict(projector: nn.Module) -> dict[str, Tensor]:
+    """Full projector weights on the CPU, keys 0.weight 0.bias 1.weight 1.bias. Under FSDP2 the shards
+    are all-gathered: a collective, so every rank calls it (then one rank writes)."""
+    module = projector
+    module = getattr(module, "module", module) if type(module).__name__ == "FullyShardedDataParallel" else module
+    state = {}
+    for key, value in module.state_dict().items():
+        value = value.full_tensor() if hasattr(value, "full_tensor") else value
+        state[key] = value.detach().cpu().contiguous()
+    return state
+
+
+def save_projector(projector: nn.Module, directory: str | os.PathLike) -> Path:
+    """Writes `directory`/crepa_projector.safetensors, beside the LoRA weights."""
+    from safetensors.torch import save_file
+
+    path = Path(directory) / PROJECTOR_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(projector_state_dict(projector), str(path), metadata={"format": "pt", "crepa_mem": "projector"})
+    return path
+
+
+def load_projector(projector: nn.Module, directory_or_file: str | os.PathLike) -> None:
+    from safetensors.torch import load_file
+
+    path = Path(directory_or_file)
+    projector.load_state_dict(load_file(str(path / PROJECTOR_FILE if path.is_dir() else path)))
+
+
+def resolve_config(config: CrepaConfig | Mapping[str, Any] | str | os.PathLike | None, plan: Any = None,
+                   feature_cache: str | os.PathLike | None = None) -> CrepaConfig:
+    """A config from what a trainer has (object, dict, file), with a plan's settings and a feature cache applied."""
+    cfg = _as_config(config)
+    if plan is not None:
+        cfg = plan.to_config(cfg)
+    if feature_cache is not None:
+        cfg = cfg.replace(feature_cache=str(feature_cache), encoder_tier="cache", vae_tier="cache")
+    return cfg
+
+
 def _as_config(config: CrepaConfig | Mapping[str, Any] | str | os.PathLike | None) -> CrepaConfig:
     if config is None:
         return CrepaConfig(enabled=True)
@@ -116,31 +156,13 @@ class Crepa:
 
     def save_projector(self, directory: str | os.PathLike) -> Path:
         """Writes crepa_projector.safetensors (keys 0.weight 0.bias 1.weight 1.bias) into `directory`."""
-        from safetensors.torch import save_file
-
-        path = Path(directory) / PROJECTOR_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(self.projector_state_dict(), str(path), metadata={"format": "pt", "crepa_mem": "projector"})
-        return path
+        return save_projector(self.projector, directory)
 
     def projector_state_dict(self) -> dict[str, Tensor]:
-        """Full projector weights on the CPU, keys 0.weight 0.bias 1.weight 1.bias. Under FSDP2 the shards
-        are all-gathered: a collective, so every rank calls it (then one rank writes)."""
-        module = self.projector
-        module = getattr(module, "module", module) if type(module).__name__ == "FullyShardedDataParallel" else module
-        state = {}
-        for key, value in module.state_dict().items():
-            value = value.full_tensor() if hasattr(value, "full_tensor") else value
-            state[key] = value.detach().cpu().contiguous()
-        return state
+        return projector_state_dict(self.projector)
 
     def load_projector(self, directory_or_file: str | os.PathLike) -> None:
-        from safetensors.torch import load_file
-
-        path = Path(directory_or_file)
-        if path.is_dir():
-            path = path / PROJECTOR_FILE
-        self.projector.load_state_dict(load_file(str(path)))
+        load_projector(self.projector, directory_or_file)
 
     def remove(self) -> None:
         """Detach the hook and the projector from the model (idempotent)."""
@@ -161,15 +183,11 @@ def wrap(transformer: nn.Module, *, vae: nn.Module | None = None, encoder: nn.Mo
          feature_cache: str | os.PathLike | None = None, device: torch.device | str | None = None,
          max_train_steps: int | None = None) -> Crepa:
     """Attach CREPA to a stock diffusers video transformer (Wan, LTX-Video, Sana-Video, Kandinsky 5)."""
-    cfg = _as_config(config)
+    cfg = resolve_config(config, plan, feature_cache)
     if _is_distributed_wrapper(transformer):
         warnings.warn("crepa_mem.wrap was called on a model already wrapped by DDP/FSDP: the projector it registers "
                       "is not synchronised or sharded by that wrapper. Call wrap() before accelerator.prepare().",
                       RuntimeWarning, stacklevel=2)
-    if plan is not None:
-        cfg = plan.to_config(cfg)
-    if feature_cache is not None:
-        cfg = cfg.replace(feature_cache=str(feature_cache), encoder_tier="cache", vae_tier="cache")
     base = unwrap(transformer)
     device = torch.device(device) if device is not None else training_device(base)
     teacher_block = None
