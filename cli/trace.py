@@ -13,8 +13,10 @@ import typer
 from crepa_mem.cli._errors import EXIT_USAGE, fail, user_errors
 from crepa_mem.cli._output import console, emit_json, human_bytes
 
-PLACED = ("gpu", "swap", "stream", "device")
-DTYPES = ("fp32", "bf16", "fp16")
+from crepa_mem.config import ENCODER_DTYPES as DTYPES
+from crepa_mem.config import TIERS
+
+PLACED = tuple(t for t in TIERS if t != "cache")  # the feature cache is its own flag here
 
 
 def _choice(flag: str, value: str, valid: tuple[str, ...]) -> str:

@@ -29,7 +29,7 @@ from .cache_store import FeatureStore, latent_key, settings_diff
 from .config import CrepaConfig
 from .errors import FeatureCacheError
 from .loss import temporal_indices
-from .teacher import TeacherFeatures, TeacherPath, encoder_dim
+from .teacher import TeacherFeatures, TeacherPath, encoder_dim, vae_latent_channels
 
 # Bump when the teacher path's arithmetic changes (decode, frame selection, resize, normalisation,
 # token choice): every cache built before then becomes a settings mismatch instead of a silent drift.
@@ -314,7 +314,7 @@ def build_feature_cache(files: Sequence[Path], out: str | os.PathLike, *, cfg: C
                                      dtype=DTYPES[cfg.encoder_dtype]),
                        image_size=cfg.encoder_image_size, compute_device=device,
                        frames_per_chunk=cfg.frames_per_chunk, true_grid=cfg.true_grid)
-    channels = int(vae.config.get("z_dim") or vae.config.get("latent_channels"))
+    channels = vae_latent_channels(vae)
     root = Path(source_root) if source_root else None
     summary = BuildSummary()
     for file in list(files)[rank::world]:

@@ -50,6 +50,12 @@ def vae_compression(vae: nn.Module) -> tuple[int, int]:
     raise ValueError(f"cannot read the compression of {type(vae).__name__}")
 
 
+def vae_latent_channels(vae: nn.Module) -> int:
+    """Latent channels of a diffusers video VAE (z_dim for Wan, latent_channels otherwise)."""
+    cfg = vae.config
+    return int(cfg.get("z_dim") or cfg["latent_channels"])
+
+
 def pixel_frames(vae: nn.Module, latent_frames: int) -> int:
     """Frames a causal video VAE decodes from T latent frames: 1 + t·(T-1)."""
     return 1 + vae_compression(vae)[0] * (latent_frames - 1)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .teacher import vae_compression  # noqa: F401  (re-exported for tests)
+from .teacher import vae_compression, vae_latent_channels  # noqa: F401  (re-exported for tests)
 
 # Families each builder knows; kept here so error messages list them.
 VAE_FAMILIES = ("wan", "wan2.2", "ltxvideo", "sanavideo", "kandinsky5_video")
@@ -129,12 +129,6 @@ def tiny_vae(family: str, *, seed: int = 0, timestep_conditioning: bool = False)
     else:
         raise _unknown("VAE", family, VAE_FAMILIES)
     return vae.eval()
-
-
-def vae_latent_channels(vae) -> int:
-    """Latent channels of a diffusers video VAE (z_dim for Wan, latent_channels otherwise)."""
-    cfg = vae.config
-    return int(cfg.get("z_dim") or cfg["latent_channels"])
 
 
 # --------------------------------------------------------------------------- DiTs
