@@ -54,7 +54,7 @@ CALIBRATION = {
     # Diffusers group offloading keeps the decoder's two largest groups on the device: 0.2–0.3 of its
     # weights in traces of the Wan and LTX decoders (benchmarks/calibration_matrix.py).
     "vae_stream_fraction": 0.3,
-    # RamTorch OffloadModel(window=2): two encoder layers on the device.
+    # diffusers group offloading (crepa_mem.tiers_stream): the running encoder layer plus the prefetched one.
     "stream_window": 2,
     # Bytes per trainable projector parameter: fp32 weight + grad + Adam exp_avg + exp_avg_sq.
     "projector_bytes_per_param": 16,

@@ -164,8 +164,11 @@ class CrepaRegularizer:
         result = self.teacher.features(latents, target_frames, dit_grid)
         for part in ("encoder", "vae"):  # a feature-cache teacher has neither attribute; a TeacherPath may lack a VAE
             placed = getattr(self.teacher, part, None)
-            tier = placed.tier if placed is not None else ("none" if hasattr(self.teacher, part) else "cache")
-            result.stats.setdefault(f"{part}_tier", tier)
+            if placed is not None:  # tier, device, and the tier's own facts (pinned host memory, stream engine)
+                for key, value in placed.facts().items():
+                    result.stats.setdefault(f"{part}_{key}", value)
+            else:
+                result.stats.setdefault(f"{part}_tier", "none" if hasattr(self.teacher, part) else "cache")
         if cuda:
             result.stats["peak_bytes"] = int(torch.cuda.max_memory_allocated(self.device) - before)
         return result

@@ -207,3 +207,13 @@ def test_projector_state_dict_is_simpletuners():
     reg = CrepaRegularizer(CrepaConfig(use_backbone_features=True), hidden_size=8, device="cpu")
     assert set(reg.projector.state_dict()) == {"0.weight", "0.bias", "1.weight", "1.bias"}
     assert reg.projector[1].weight.dtype == torch.float32
+
+
+def test_logs_carry_each_components_tier_facts():
+    cfg = CrepaConfig(encoder_image_size=70, encoder_tier="swap", vae_tier="stream", encoder_frames_batch_size=2)
+    reg = CrepaRegularizer(cfg, hidden_size=D_DIT, encoder=tiny_dinov2(), vae=tiny_vae("wan"), device="cpu")
+    lat, hidden = _setup(batch=1)
+    _, logs = reg.compute_loss(hidden, lat)
+    assert logs["crepa_teacher_encoder_tier"] == "swap" and logs["crepa_teacher_encoder_host_pinned"] is False
+    assert logs["crepa_teacher_vae_tier"] == "stream" and logs["crepa_teacher_vae_engine"] == "diffusers.group_offloading"
+    assert logs["crepa_teacher_chunk_frames"] == 2 and logs["crepa_teacher_retries"] == 0
