@@ -1,0 +1,31 @@
+import pytest
+import torch
+
+from crepa_mem.encoders import hub_id_for, load_encoder
+from crepa_mem.errors import EncoderNotAvailableError
+from crepa_mem.testing import tiny_dinov2
+
+
+def test_names_map_to_hub_ids_and_hub_ids_pass_through():
+    assert hub_id_for("dinov2_vitg14") == "facebook/dinov2-giant"
+    assert hub_id_for("dinov2_vits14") == "facebook/dinov2-small"
+    assert hub_id_for("facebook/dinov2-base") == "facebook/dinov2-base"
+
+
+@pytest.mark.parametrize("registers", [False, True])
+def test_loads_a_local_directory_frozen_in_the_asked_dtype(tmp_path, registers):
+    tiny_dinov2(registers=registers).save_pretrained(tmp_path / "enc")
+    model = load_encoder("dinov2_vitg14", path=tmp_path / "enc", dtype="bf16")
+    assert not model.training and all(not p.requires_grad for p in model.parameters())
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert type(model).__name__ == ("Dinov2WithRegistersModel" if registers else "Dinov2Model")
+    assert type(load_encoder(str(tmp_path / "enc"))).__name__ == type(model).__name__  # a directory as the name
+
+
+def test_missing_weights_say_what_to_fetch_without_touching_the_network(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(EncoderNotAvailableError, match="facebook/dinov2-small") as err:
+        load_encoder("dinov2_vits14")
+    assert "huggingface-cli download facebook/dinov2-small" in str(err.value)
+    assert "crepa_mem_encoder_path" in str(err.value)
