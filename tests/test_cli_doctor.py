@@ -17,23 +17,6 @@ WAN_CONFIG = Path(__file__).parent / "fixtures" / "simpletuner" / "wan2.1-t2v-1.
 runner = CliRunner()
 
 
-@pytest.fixture
-def primed_hf(tmp_path, monkeypatch):
-    """An HF cache holding the DINOv2 files the config fixtures name (so only their own faults show)."""
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    for repo in ("facebook/dinov2-small", "facebook/dinov2-large", "facebook/dinov2-giant"):
-        root = tmp_path / "hf" / "hub" / ("models--" + repo.replace("/", "--"))
-        snap = root / "snapshots" / ("0" * 40)
-        snap.mkdir(parents=True)
-        (root / "refs").mkdir()
-        (root / "refs" / "main").write_text("0" * 40)
-        for name in ("config.json", "model.safetensors"):
-            (snap / name).write_text("{}")
-
-
 def doctor(*args: str, input: bytes | None = None):
     return runner.invoke(app, ["doctor", *args], input=input)
 
@@ -76,7 +59,7 @@ def test_log_fixture_human(name):
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED["configs"]))
-def test_config_fixture(name, primed_hf):
+def test_config_fixture(name, primed):
     want = EXPECTED["configs"][name]
     res = doctor("--config", str(FIXTURES / name), "--json", "--no-machine")
     assert res.exit_code == want["exit"], res.output
@@ -90,7 +73,7 @@ def test_config_fixture(name, primed_hf):
         assert code in human.stdout
 
 
-def test_oom_with_config_gives_the_plan_command_and_settings(primed_hf):
+def test_oom_with_config_gives_the_plan_command_and_settings(primed):
     res = doctor("--config", str(WAN_CONFIG), "--log", str(FIXTURES / "oom_vae_decode_wan_rtx4090.log"), "--json",
                  "--no-machine")
     assert res.exit_code == 1

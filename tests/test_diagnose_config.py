@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import prime_hf_cache
 
 from crepa_mem.diagnose import Context, _resolve_model, read_config
 from crepa_mem.diagnose_config import cached_encoder_files, check_config, hf_hub_cache, torch_hub_dir
@@ -13,41 +14,6 @@ from crepa_mem.profiles import get_model
 FIXTURES = Path(__file__).parent / "fixtures" / "doctor"
 SIMPLETUNER = Path(__file__).parent / "fixtures" / "simpletuner"
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text())["configs"]
-ENCODER_REPOS = ["facebook/dinov2-small", "facebook/dinov2-large", "facebook/dinov2-giant"]
-
-
-def prime_hf_cache(cache: Path, repo: str, files=("config.json", "model.safetensors")) -> Path:
-    """The hub cache layout `from_pretrained` reads offline: refs/main → snapshots/<commit>/<file>."""
-    commit = "0" * 40
-    root = cache / ("models--" + repo.replace("/", "--"))
-    (root / "refs").mkdir(parents=True, exist_ok=True)
-    (root / "refs" / "main").write_text(commit)
-    snap = root / "snapshots" / commit
-    snap.mkdir(parents=True, exist_ok=True)
-    for name in files:
-        (snap / name).write_text("{}")
-    return snap
-
-
-@pytest.fixture
-def caches(tmp_path, monkeypatch):
-    """HF and torch.hub caches in tmp_path, empty; tests prime what they need."""
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
-    return tmp_path
-
-
-@pytest.fixture
-def primed(caches):
-    for repo in ENCODER_REPOS:
-        prime_hf_cache(hf_hub_cache(), repo)
-    return caches
-
-
 def _check(cfg: dict, model: str | None = None, **ctx) -> list:
     profile, family, note = _resolve_model(model, cfg)
     return check_config(Context(model=profile, model_family=family, model_note=note, config=cfg, **ctx))
