@@ -1,4 +1,4 @@
-"""crepa_mem.estimate (analytic) against crepa_mem.trace (measured on fake tensors), case by case.
+"""crepa_mem.planning.estimate (analytic) against crepa_mem.trace.workloads (measured on fake tensors), case by case.
 
     python benchmarks/calibration_matrix.py            # every estimate.calibration_cases() entry (≥ 24)
     python benchmarks/calibration_matrix.py --only 0 3 # some of them
@@ -13,8 +13,8 @@ import argparse
 import json
 import time
 
-from crepa_mem.estimate import calibration_cases, estimate_case, teacher_peak
-from crepa_mem.trace import TeacherSettings, Workload, trace_candidate
+from crepa_mem.planning.estimate import calibration_cases, estimate_case, teacher_peak
+from crepa_mem.trace.workloads import TeacherSettings, Workload, trace_candidate
 from crepa_mem.units import format_bytes
 
 TOLERANCE = 0.10

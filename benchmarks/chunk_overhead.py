@@ -27,9 +27,9 @@ def main() -> None:
 
     from transformers import Dinov2Config, Dinov2Model
 
-    from crepa_mem.teacher import TeacherPath
+    from crepa_mem.teacher.path import TeacherPath
     from crepa_mem.testing import tiny_vae
-    from crepa_mem.tiers import place
+    from crepa_mem.teacher.tiers import place
 
     torch.manual_seed(0)
     enc = Dinov2Model(Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4,

@@ -40,7 +40,7 @@ def main() -> None:
     import ramtorch
     from transformers import Dinov2Config, Dinov2Model
 
-    from crepa_mem.tiers import place
+    from crepa_mem.teacher.tiers import place
 
     torch.manual_seed(0)
     base = Dinov2Model(Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4,

@@ -4,14 +4,14 @@
     python benchmarks/trace_matrix.py --model wan-2.1-1.3b --frames 21 --height 240 --width 416 --quick
 
 Prints one row per configuration: peak bytes on the (fake) GPU, the ratio to SimpleTuner's recipe,
-and the trace's own wall time. Every figure is measured by `crepa_mem.trace` when this runs.
+and the trace's own wall time. Every figure is measured by `crepa_mem.trace.workloads` when this runs.
 """
 from __future__ import annotations
 
 import argparse
 import time
 
-from crepa_mem.trace import TeacherSettings, Workload, trace_baseline, trace_candidate
+from crepa_mem.trace.workloads import TeacherSettings, Workload, trace_baseline, trace_candidate
 from crepa_mem.units import format_bytes
 
 FRUGAL = dict(chunk=1, vae_tiling=True, drop_vae_encoder=True)

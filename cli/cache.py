@@ -148,7 +148,7 @@ def build(
             fail(f"{flag} {value} is invalid: valid is an integer ≥ 1", EXIT_USAGE)
     if vae is not None and not vae.is_dir():
         fail(f"--vae {str(vae)!r} is not a directory (a diffusers VAE saved with save_pretrained)", EXIT_USAGE)
-    from crepa_mem.cache import find_latent_files
+    from crepa_mem.teacher.cache import find_latent_files
 
     files = find_latent_files(latents, exclude=out)
     if not files:
@@ -200,8 +200,8 @@ def _model_from_config(path: Path) -> str | None:
 
 
 def _check_existing(out: Path, cfg) -> None:
-    from crepa_mem.cache import check_settings
-    from crepa_mem.cache_store import MANIFEST, FeatureStore
+    from crepa_mem.teacher.cache import check_settings
+    from crepa_mem.teacher.store import MANIFEST, FeatureStore
 
     if out.exists() and not out.is_dir():
         fail(f"--out {str(out)!r} is a file, not a directory", EXIT_USAGE)
@@ -214,8 +214,8 @@ def _run_build(files, latents, out, cfg, vae_dir, vae_dtype, model, target_frame
     import torch
 
     import crepa_mem
-    from crepa_mem.cache import build_feature_cache, load_model_vae, load_vae
-    from crepa_mem.encoders import DTYPES, load_encoder
+    from crepa_mem.teacher.cache import build_feature_cache, load_model_vae, load_vae
+    from crepa_mem.teacher.encoders import DTYPES, load_encoder
 
     _quiet_hub_logs()
     enc = load_encoder(cfg.encoder, path=cfg.encoder_path, dtype=cfg.encoder_dtype)
@@ -234,8 +234,8 @@ def _run_build(files, latents, out, cfg, vae_dir, vae_dtype, model, target_frame
 
 
 def _finish(summaries: list[dict], out: Path, latents: Path, dev, world: int, json_out: bool) -> None:
-    from crepa_mem.cache import BuildSummary
-    from crepa_mem.cache_store import FeatureStore
+    from crepa_mem.teacher.cache import BuildSummary
+    from crepa_mem.teacher.store import FeatureStore
 
     total = BuildSummary()
     for s in summaries:
@@ -259,7 +259,7 @@ def verify(
     json_out: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Read back every entry (checksum, settings); with --latents, report latents without an entry."""
-    from crepa_mem.cache_store import FeatureStore
+    from crepa_mem.teacher.store import FeatureStore
 
     if not out.is_dir():
         fail(f"--out {str(out)!r} is not a directory", EXIT_USAGE)
@@ -293,8 +293,8 @@ def verify(
 def _missing(store, latents: Path, out: Path) -> list[str]:
     import torch
 
-    from crepa_mem.cache import find_latent_files, read_latents
-    from crepa_mem.cache_store import latent_key
+    from crepa_mem.teacher.cache import find_latent_files, read_latents
+    from crepa_mem.teacher.store import latent_key
 
     cast = store.settings.get("latents_dtype", "as stored")
     dtype = None if cast == "as stored" else getattr(torch, cast)

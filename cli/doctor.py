@@ -52,7 +52,7 @@ def register(app: typer.Typer) -> None:
         no_machine: bool = typer.Option(False, "--no-machine", help="skip the live machine checks"),
     ) -> None:
         """Diagnose out-of-memory, block-index and configuration failures, and the machine."""
-        from crepa_mem.diagnose import diagnose
+        from crepa_mem.doctor.diagnose import diagnose
 
         result = diagnose(config=config, log=log, model=model, gpu=gpu, frames=frames, height=height,
                           width=width, machine=not no_machine)

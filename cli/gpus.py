@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print the inspection as JSON."),
     ) -> None:
         """GPU inspection: memory (total / free / reserved), compute capability, PCIe link, other processes."""
-        from crepa_mem.devices import inspect_gpus, why_no_gpu
+        from crepa_mem.planning.devices import inspect_gpus, why_no_gpu
 
         found = inspect_gpus(gpu, profiles_dir=profiles or None, allow_torch=True)
         note = "" if found else f"no GPU found: {why_no_gpu() or 'none visible'}"

@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
         write: Optional[Path] = typer.Option(None, "--write", help="Write the planned config (crepa_* keys) to FILE."),
     ) -> None:
         """The best CREPA configuration that fits: tiers, chunks, encoder, and what each choice costs."""
-        from crepa_mem.planner import plan
+        from crepa_mem.planning.planner import plan
         from crepa_mem.units import parse_size
 
         ram = None

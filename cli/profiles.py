@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Known checkpoints (with family defaults), GPUs and encoders."""
         from crepa_mem import profiles as P
-        from crepa_mem.report import encoder_to_dict, gpu_profile_to_dict, model_to_dict
+        from crepa_mem.planning.report import encoder_to_dict, gpu_profile_to_dict, model_to_dict
 
         dirs = profiles or None
         doc = {"families": P.family_defaults(dirs),

@@ -53,7 +53,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Trace the teacher's compute-device peak: SimpleTuner's recipe vs the candidate settings."""
         from crepa_mem.profiles import get_model
-        from crepa_mem.trace import TeacherSettings, Workload, expected_steps, trace_baseline, trace_candidate
+        from crepa_mem.trace.workloads import TeacherSettings, Workload, expected_steps, trace_baseline, trace_candidate
 
         _choice("--encoder-tier", encoder_tier, PLACED)
         _choice("--vae-tier", vae_tier, PLACED)

@@ -8,8 +8,8 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING
 
-from .config import CrepaConfig
-from .errors import CrepaConfigError, CrepaMemError
+from crepa_mem.config import CrepaConfig
+from crepa_mem.errors import CrepaConfigError, CrepaMemError
 
 __version__ = "0.1.0"
 
@@ -17,10 +17,10 @@ __version__ = "0.1.0"
 _LAZY = {
     "CrepaRegularizer": "regularizer",
     "capture_hidden_states": "capture",
-    "plan": "planner",
-    "Plan": "planner",
-    "wrap": "wrap",
-    "CrepaHooks": "adapters",
+    "plan": "planning.planner",
+    "Plan": "planning.planner",
+    "wrap": "integrations.wrap",
+    "CrepaHooks": "integrations.adapters",
 }
 
 __all__ = ["CrepaConfig", "CrepaConfigError", "CrepaMemError", *_LAZY]
@@ -35,8 +35,8 @@ def __getattr__(name: str):
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .capture import capture_hidden_states
-    from .planner import Plan, plan
-    from .regularizer import CrepaRegularizer
-    from .adapters import CrepaHooks
-    from .wrap import wrap
+    from crepa_mem.capture import capture_hidden_states
+    from crepa_mem.planning.planner import Plan, plan
+    from crepa_mem.regularizer import CrepaRegularizer
+    from crepa_mem.integrations.adapters import CrepaHooks
+    from crepa_mem.integrations.wrap import wrap

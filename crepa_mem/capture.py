@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from .errors import CaptureError
+from crepa_mem.errors import CaptureError
 
 # B batch, N tokens, D width, T'/h'/w' the token grid (latent grid ÷ patch size).
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import CrepaConfigError
+from crepa_mem.errors import CrepaConfigError
 
 TIERS = ("gpu", "swap", "stream", "device", "cache")
 ENCODER_DTYPES = ("fp32", "bf16", "fp16")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import ShapeError
+from crepa_mem.errors import ShapeError
 
 
 def build_projector(hidden_size: int, encoder_dim: int) -> nn.Sequential:

@@ -23,9 +23,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
-from .config import canonical_encoder_name
-from .errors import CrepaConfigError, ProfileNotFoundError
-from .units import GiB
+from crepa_mem.config import canonical_encoder_name
+from crepa_mem.errors import CrepaConfigError, ProfileNotFoundError
+from crepa_mem.units import GiB
 
 ENV_VAR = "CREPA_MEM_PROFILES"
 SECTIONS = ("family", "vae", "model", "gpu", "encoder")

@@ -10,33 +10,17 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from .config import CrepaConfig
-from .errors import CrepaConfigError, ShapeError
-from .loss import (LambdaSchedule, align_temporal, align_tokens, build_projector, frame_similarity,
+from crepa_mem.config import CrepaConfig
+from crepa_mem.errors import CrepaConfigError, ShapeError
+from crepa_mem.loss import (LambdaSchedule, align_temporal, align_tokens, build_projector, frame_similarity,
                    per_video_objective, project)
-from .teacher import TeacherFeatures, TeacherPath, encoder_dim
-from .tiers import place
+from crepa_mem.teacher.path import TeacherFeatures, TeacherPath, encoder_dim
+from crepa_mem.teacher.tiers import place
+from crepa_mem.teacher.vae import prepare_vae
 
 
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def prepare_vae(vae: nn.Module, cfg: CrepaConfig) -> nn.Module:
-    """Frozen, eval; decode-only when asked (SimpleTuner drops vae.encoder and vae.quant_conv); tiling."""
-    vae.eval().requires_grad_(False)
-    if cfg.drop_vae_encoder:
-        for name in ("encoder", "quant_conv"):
-            if getattr(vae, name, None) is not None:
-                setattr(vae, name, None)
-    if cfg.vae_tiling and hasattr(vae, "enable_tiling"):
-        if cfg.vae_tile_size:
-            vae.enable_tiling(tile_sample_min_height=cfg.vae_tile_size, tile_sample_min_width=cfg.vae_tile_size,
-                              tile_sample_stride_height=cfg.vae_tile_size * 3 // 4,
-                              tile_sample_stride_width=cfg.vae_tile_size * 3 // 4)
-        else:
-            vae.enable_tiling()
-    return vae
 
 
 class CrepaRegularizer:
@@ -59,16 +43,16 @@ class CrepaRegularizer:
         elif teacher is not None:
             dim = teacher.encoder_dim
         elif cfg.feature_cache is not None and "cache" in (cfg.encoder_tier, cfg.vae_tier):
-            from .cache import FeatureCacheTeacher  # no encoder and no VAE in memory
+            from crepa_mem.teacher.cache import FeatureCacheTeacher  # no encoder and no VAE in memory
 
             self.teacher = FeatureCacheTeacher.open(cfg.feature_cache, cfg, compute_device=self.device, vae=vae)
             dim = self.teacher.encoder_dim
         else:
             if encoder is None:
-                from .encoders import load_encoder
+                from crepa_mem.teacher.encoders import load_encoder
 
                 encoder = load_encoder(cfg.encoder, path=cfg.encoder_path, dtype=cfg.encoder_dtype)
-            from .encoders import DTYPES
+            from crepa_mem.teacher.encoders import DTYPES
 
             encoder.eval().requires_grad_(False)
             dim = encoder_dim(encoder)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .teacher import vae_compression, vae_latent_channels  # noqa: F401  (re-exported for tests)
+from crepa_mem.teacher.path import vae_compression, vae_latent_channels  # noqa: F401  (re-exported for tests)
 
 # Families each builder knows; kept here so error messages list them.
 VAE_FAMILIES = ("wan", "wan2.2", "ltxvideo", "sanavideo", "kandinsky5_video")

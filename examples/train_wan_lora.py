@@ -196,7 +196,7 @@ def train(args: argparse.Namespace) -> list[dict]:
         from diffusers import WanPipeline
         from safetensors.torch import save_file
 
-        from crepa_mem.wrap import PROJECTOR_FILE
+        from crepa_mem.integrations.wrap import PROJECTOR_FILE
 
         lora, projector = lora_state(unwrap(accelerator.unwrap_model(model))), crepa.projector_state_dict()
         if accelerator.is_main_process:  # the LoRA file, and crepa_projector.safetensors beside it

@@ -40,7 +40,7 @@ def caches(tmp_path, monkeypatch):
 @pytest.fixture
 def primed(caches):
     """The caches, holding the DINOv2 files the config fixtures name (so only their own faults show)."""
-    from crepa_mem.diagnose_config import hf_hub_cache
+    from crepa_mem.doctor.config_checks import hf_hub_cache
 
     for repo in ENCODER_REPOS:
         prime_hf_cache(hf_hub_cache(), repo)

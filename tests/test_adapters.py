@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from crepa_mem import CrepaConfig, wrap
-from crepa_mem.adapters import CrepaHooks
+from crepa_mem.integrations.adapters import CrepaHooks
 from crepa_mem.errors import CaptureError
 from crepa_mem.testing import tiny_dinov2, tiny_transformer, tiny_transformer_inputs, tiny_vae
 

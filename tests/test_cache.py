@@ -6,9 +6,9 @@ import torch
 from safetensors.torch import save_file
 
 from crepa_mem import CrepaConfig, CrepaRegularizer
-from crepa_mem.cache import (FeatureCacheTeacher, LatentFileError, build_feature_cache, encoder_identity,
+from crepa_mem.teacher.cache import (FeatureCacheTeacher, LatentFileError, build_feature_cache, encoder_identity,
                              find_latent_files, load_vae, read_latents)
-from crepa_mem.cache_store import FeatureStore
+from crepa_mem.teacher.store import FeatureStore
 from crepa_mem.errors import FeatureCacheError
 from crepa_mem.testing import tiny_dinov2, tiny_vae
 
@@ -42,7 +42,7 @@ def _cfg(models, **kw):
 
 
 def _build(models, lat_dir, out, cfg=None, **kw):
-    from crepa_mem.encoders import load_encoder
+    from crepa_mem.teacher.encoders import load_encoder
 
     cfg = cfg or _cfg(models)
     return build_feature_cache(find_latent_files(lat_dir), out, cfg=cfg, encoder=load_encoder(cfg.encoder),
@@ -60,7 +60,7 @@ def _hidden(batch, seed=1):
 
 def _pair(models, out, cfg):
     """Regularizers with the cache and with the live encoder + VAE, sharing one projector."""
-    from crepa_mem.encoders import load_encoder
+    from crepa_mem.teacher.encoders import load_encoder
 
     cached = CrepaRegularizer(_cache_cfg(cfg, out), D_DIT, device="cpu")
     live = CrepaRegularizer(cfg, D_DIT, encoder=load_encoder(cfg.encoder), vae=load_vae(models / "vae"),

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from crepa_mem.cache_store import (MANIFEST, FeatureStore, atomic_write, latent_key, settings_diff,
+from crepa_mem.teacher.store import (MANIFEST, FeatureStore, atomic_write, latent_key, settings_diff,
                                    tensor_checksum)
 from crepa_mem.errors import FeatureCacheError
 

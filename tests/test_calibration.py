@@ -1,11 +1,11 @@
-"""crepa_mem.estimate against crepa_mem.trace on a fast subset of estimate.calibration_cases() (±10 %).
+"""crepa_mem.planning.estimate against crepa_mem.trace.workloads on a fast subset of estimate.calibration_cases() (±10 %).
 
 The whole matrix (all cases) is benchmarks/calibration_matrix.py (25 cases, worst |error| 2.6 %).
 """
 import pytest
 
-from crepa_mem.estimate import calibration_cases, estimate_case, teacher_peak
-from crepa_mem.trace import TeacherSettings, Workload, trace_candidate
+from crepa_mem.planning.estimate import calibration_cases, estimate_case, teacher_peak
+from crepa_mem.trace.workloads import TeacherSettings, Workload, trace_candidate
 
 TOLERANCE = 0.10
 # A fast subset (a few seconds each) spanning the VAE families and the tiers gpu / swap.

@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from crepa_mem.cache_store import FeatureStore
+from crepa_mem.teacher.store import FeatureStore
 from crepa_mem.cli.app import app
 from crepa_mem.testing import tiny_dinov2, tiny_vae
 

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pynvml
 import pytest
 
-from crepa_mem import devices
+from crepa_mem.planning import devices
 from crepa_mem.errors import CrepaConfigError, ProfileNotFoundError
 from crepa_mem.units import GB, GiB
 

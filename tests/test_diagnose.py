@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from crepa_mem.diagnose import Diagnosis, Finding, check_gpu_argument, diagnose, read_config, sort_findings
+from crepa_mem.doctor.diagnose import Diagnosis, Finding, check_gpu_argument, diagnose, read_config, sort_findings
 from crepa_mem.errors import CrepaConfigError, ProfileNotFoundError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "doctor"
@@ -91,7 +91,7 @@ def test_gpu_and_model_arguments():
 
 
 def test_log_and_config_paths_import_no_torch():
-    code = ("import sys; from crepa_mem.diagnose import diagnose; "
+    code = ("import sys; from crepa_mem.doctor.diagnose import diagnose; "
             f"d = diagnose(config={str(WAN_CONFIG)!r}, log={str(FIXTURES / 'oom_projector_sana_l40s.log')!r}, "
             "model='sanavideo', machine=False); "
             "assert d.findings[0].code == 'oom', d.findings; "
@@ -101,8 +101,8 @@ def test_log_and_config_paths_import_no_torch():
 
 
 def test_machine_check_judges_the_tiers_an_oom_plan_picks():
-    pytest.importorskip("crepa_mem.estimate")
-    from crepa_mem.diagnose_machine import MachineProbe
+    pytest.importorskip("crepa_mem.planning.estimate")
+    from crepa_mem.doctor.machine import MachineProbe
 
     def no_nvml():
         raise ImportError("pynvml")

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from conftest import prime_hf_cache
 
-from crepa_mem.diagnose import Context, _resolve_model, read_config
-from crepa_mem.diagnose_config import cached_encoder_files, check_config, hf_hub_cache, torch_hub_dir
+from crepa_mem.doctor.diagnose import Context, _resolve_model, read_config
+from crepa_mem.doctor.config_checks import cached_encoder_files, check_config, hf_hub_cache, torch_hub_dir
 from crepa_mem.profiles import get_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "doctor"

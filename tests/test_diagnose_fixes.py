@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from crepa_mem.diagnose import Context
-from crepa_mem.diagnose_fixes import (config_lines, fragmented, gpu_argument, plan_fix, teacher_resident_bytes,
+from crepa_mem.doctor.diagnose import Context
+from crepa_mem.doctor.fixes import (config_lines, fragmented, gpu_argument, plan_fix, teacher_resident_bytes,
                                       train_estimate)
-from crepa_mem.diagnose_logs import findings_from_scan, scan_log
+from crepa_mem.doctor.logs import findings_from_scan, scan_log
 from crepa_mem.profiles import get_encoder, get_model
 from crepa_mem.units import GiB, MiB
 
@@ -66,12 +66,12 @@ def test_plan_fix_without_a_model_asks_for_one():
 
 
 def test_plan_fix_runs_the_planner_for_that_gpu_and_training():
-    pytest.importorskip("crepa_mem.estimate")
+    pytest.importorskip("crepa_mem.planning.estimate")
     ctx = Context(model=get_model("wan-2.1-1.3b"))
     out = plan_fix(ctx, "23.53GiB", train_bytes=16 * GiB)
     assert out["command"] == ("crepa-mem plan --model wan-2.1-1.3b --gpu 23.53GiB --frames 81 --height 480 "
                               "--width 832 --train-gib 16")
-    from crepa_mem.planner import plan
+    from crepa_mem.planning.planner import plan
     expected = plan("wan-2.1-1.3b", "23.53GiB", frames=81, height=480, width=832, train_gib=16.0)
     assert out["fits"] is expected.fits and out["settings"] == expected.settings
     if expected.fits:
@@ -81,13 +81,13 @@ def test_plan_fix_runs_the_planner_for_that_gpu_and_training():
 
 
 def test_plan_fix_reports_a_planner_refusal():
-    pytest.importorskip("crepa_mem.estimate")
+    pytest.importorskip("crepa_mem.planning.estimate")
     out = plan_fix(Context(model=get_model("wan-2.1-1.3b"), frames=80), "rtx4090")
     assert out["fits"] is None and "frames" in out["plan_error"] and out["command"] in out["text"]
 
 
 def test_oom_finding_carries_the_plan_and_its_settings():
-    pytest.importorskip("crepa_mem.estimate")
+    pytest.importorskip("crepa_mem.planning.estimate")
     ctx = Context(model=get_model("wan-2.1-1.3b"))
     (oom,) = [f for f in findings_from_scan(scan_log(FIXTURES / "oom_vae_decode_wan_rtx4090.log"), ctx)
               if f.code == "oom"]
@@ -104,6 +104,6 @@ def test_config_lines_leave_out_unset_values():
 
 
 def test_every_phase_has_words_and_advice():
-    from crepa_mem.diagnose import PHASES
-    from crepa_mem.diagnose_fixes import _PHASE_ADVICE, _PHASE_WORDS
+    from crepa_mem.doctor.diagnose import PHASES
+    from crepa_mem.doctor.fixes import _PHASE_ADVICE, _PHASE_WORDS
     assert set(_PHASE_WORDS) == set(_PHASE_ADVICE) == set(PHASES)

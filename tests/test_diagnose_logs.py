@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from crepa_mem.diagnose import Context
-from crepa_mem.diagnose_logs import MAX_LINE_BYTES, findings_from_scan, iter_log_lines, scan_log
+from crepa_mem.doctor.diagnose import Context
+from crepa_mem.doctor.logs import MAX_LINE_BYTES, findings_from_scan, iter_log_lines, scan_log
 from crepa_mem.profiles import get_model
 from crepa_mem.units import GiB, MiB
 

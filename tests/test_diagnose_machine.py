@@ -6,8 +6,8 @@ import resource
 import pynvml
 import pytest
 
-from crepa_mem.diagnose import Context
-from crepa_mem.diagnose_machine import MIN_VERSIONS, MachineProbe, check_machine
+from crepa_mem.doctor.diagnose import Context
+from crepa_mem.doctor.machine import MIN_VERSIONS, MachineProbe, check_machine
 from crepa_mem.profiles import get_model
 from crepa_mem.units import GiB, MiB
 

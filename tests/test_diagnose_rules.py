@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from crepa_mem.diagnose_rules import (TRIGGERS, classify_phase, detect_events, has_trigger, is_wrapper_error,
+from crepa_mem.doctor.rules import (TRIGGERS, classify_phase, detect_events, has_trigger, is_wrapper_error,
                                       oom_complete, oom_numbers)
 from crepa_mem.units import GiB, MiB
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from crepa_mem.encoders import hub_id_for, load_encoder
+from crepa_mem.teacher.encoders import hub_id_for, load_encoder
 from crepa_mem.errors import EncoderNotAvailableError
 from crepa_mem.testing import tiny_dinov2
 

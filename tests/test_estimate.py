@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from crepa_mem import estimate as E
+from crepa_mem.planning import estimate as E
 from crepa_mem.errors import CrepaConfigError
 from crepa_mem.profiles import get_encoder, get_model
 from crepa_mem.units import GiB, MB, MiB

@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from crepa_mem import estimate as E
+from crepa_mem.planning import estimate as E
 from crepa_mem.config import CrepaConfig
-from crepa_mem.devices import DeviceInfo, from_size
+from crepa_mem.planning.devices import DeviceInfo, from_size
 from crepa_mem.errors import CrepaConfigError, ProfileNotFoundError
-from crepa_mem.planner import GPU_TIERS, plan
+from crepa_mem.planning.planner import GPU_TIERS, plan
 from crepa_mem.profiles import get_encoder, get_model
 from crepa_mem.units import GiB
 

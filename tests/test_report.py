@@ -1,8 +1,8 @@
 import json
 
-from crepa_mem.planner import plan
+from crepa_mem.planning.planner import plan
 from crepa_mem.profiles import get_encoder, get_gpu, get_model
-from crepa_mem.report import encoder_to_dict, gpu_profile_to_dict, model_to_dict, plan_to_dict
+from crepa_mem.planning.report import encoder_to_dict, gpu_profile_to_dict, model_to_dict, plan_to_dict
 
 
 def test_plan_document_has_the_stable_keys_first_and_raw_bytes():

@@ -14,7 +14,7 @@ from accelerate import Accelerator
 
 from crepa_mem import CrepaConfig, CrepaMemError
 from crepa_mem.capture import capture_hidden_states
-from crepa_mem.simpletuner import CrepaRegularizer, config_from_simpletuner, patch_simpletuner
+from crepa_mem.integrations.simpletuner import CrepaRegularizer, config_from_simpletuner, patch_simpletuner
 from crepa_mem.testing import tiny_dinov2, tiny_transformer, tiny_transformer_inputs, tiny_vae
 from simpletuner_reference import st_decode, st_encode, st_loss, st_scores
 
@@ -157,7 +157,7 @@ def test_real_simpletuner_config_files(name):
 
 def test_patch_without_simpletuner_says_what_to_do(monkeypatch):
     monkeypatch.setitem(sys.modules, "simpletuner", None)  # makes `import simpletuner` fail
-    with pytest.raises(CrepaMemError, match="SimpleTuner is not importable here.*python -m crepa_mem.simpletuner"):
+    with pytest.raises(CrepaMemError, match="SimpleTuner is not importable here.*python -m crepa_mem.integrations.simpletuner"):
         patch_simpletuner()
 
 

@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from crepa_mem.errors import TeacherOutOfMemoryError
-from crepa_mem.teacher import (TeacherPath, denormalize_latents, iter_decoded_frames, pixel_frames,
+from crepa_mem.teacher.path import (TeacherPath, denormalize_latents, iter_decoded_frames, pixel_frames,
                                vae_compression)
 from crepa_mem.testing import tiny_dinov2, tiny_vae
-from crepa_mem.tiers import place
+from crepa_mem.teacher.tiers import place
 from simpletuner_reference import st_decode, st_encode
 
 LATENT_HW = {"wan": (4, 4), "wan2.2": (2, 2), "ltxvideo": (1, 1), "sanavideo": (4, 4), "kandinsky5_video": (4, 4)}
@@ -142,7 +142,7 @@ def test_ltx_timestep_conditioned_decoder_runs_with_a_zero_timestep():
 
 
 def test_a_vae_that_yields_too_few_frames_is_an_error_not_garbage(monkeypatch):
-    import crepa_mem.teacher as teacher
+    import crepa_mem.teacher.path as teacher
     from crepa_mem.errors import ShapeError
 
     real = teacher.iter_decoded_frames

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from crepa_mem import CrepaConfig, CrepaRegularizer
-from crepa_mem.teacher import TeacherPath
+from crepa_mem.teacher.path import TeacherPath
 from crepa_mem.testing import tiny_dinov2, tiny_vae
-from crepa_mem.tiers import place
+from crepa_mem.teacher.tiers import place
 
 TIERS = ("gpu", "swap", "stream", "device")
 LATENT_HW = {"wan": (4, 4), "wan2.2": (2, 2), "ltxvideo": (1, 1), "kandinsky5_video": (4, 4)}
@@ -104,7 +104,7 @@ def test_regularizer_loss_and_gradient_equal_across_tiers(enc_tier, vae_tier):
 
 
 def test_streamed_vae_under_spatial_tiling_equals_gpu():
-    from crepa_mem.regularizer import prepare_vae
+    from crepa_mem.teacher.vae import prepare_vae
 
     cfg = CrepaConfig(vae_tiling=True, vae_tile_size=64)
     vae, enc = prepare_vae(tiny_vae("wan"), cfg), tiny_dinov2()

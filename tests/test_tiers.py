@@ -8,9 +8,10 @@ import torch
 
 from crepa_mem.errors import CrepaConfigError
 from crepa_mem.testing import tiny_dinov2, tiny_vae
-from crepa_mem.tiers import Placement, SwapPlacement, module_bytes, move_module, place
-from crepa_mem.tiers_stream import StreamPlacement, stream_group_bytes
-from crepa_mem.trace_runtime import FAKE_GPU, fake_gpu, materialize
+from crepa_mem.teacher.placement import Placement, module_bytes, move_module
+from crepa_mem.teacher.tiers import SwapPlacement, place
+from crepa_mem.teacher.stream import StreamPlacement, stream_group_bytes
+from crepa_mem.trace.runtime import FAKE_GPU, fake_gpu, materialize
 
 
 def _meta_encoder(layers=4, width=64):

@@ -1,4 +1,4 @@
-"""crepa_mem.trace: live-byte counting on a fake GPU, full-size configs, the baseline recipe, the CLI."""
+"""crepa_mem.trace.workloads: live-byte counting on a fake GPU, full-size configs, the baseline recipe, the CLI."""
 import json
 
 import pytest
@@ -8,11 +8,11 @@ from typer.testing import CliRunner
 from crepa_mem.cli.app import app
 from crepa_mem.errors import CrepaConfigError
 from crepa_mem.profiles import get_encoder, get_vae
-from crepa_mem.teacher import encode_tokens
-from crepa_mem.tiers import module_bytes
-from crepa_mem.trace import (DINOV2_CONFIGS, VAE_CONFIGS, TeacherSettings, Workload, build_encoder, build_vae,
+from crepa_mem.teacher.path import encode_tokens
+from crepa_mem.teacher.placement import module_bytes
+from crepa_mem.trace.workloads import (DINOV2_CONFIGS, VAE_CONFIGS, TeacherSettings, Workload, build_encoder, build_vae,
                              compare, trace_baseline, trace_candidate)
-from crepa_mem.trace_runtime import FAKE_GPU, fake_gpu, materialize
+from crepa_mem.trace.runtime import FAKE_GPU, fake_gpu, materialize
 
 MiB = 2**20
 SMALL = dict(model="wan-2.1-1.3b", frames=9, height=64, width=64, encoder="dinov2_vits14", image_size=56)

@@ -1,4 +1,4 @@
-"""`crepa_mem.wrap` with real diffusers + peft LoRA: the projector trains, saves and loads beside the LoRA."""
+"""`crepa_mem.integrations.wrap` with real diffusers + peft LoRA: the projector trains, saves and loads beside the LoRA."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,7 @@ from peft import LoraConfig, get_peft_model
 
 from crepa_mem import CrepaConfig, CrepaMemError, wrap
 from crepa_mem.testing import tiny_dinov2, tiny_transformer, tiny_transformer_inputs, tiny_vae
-from crepa_mem.wrap import PROJECTOR_FILE, Crepa
+from crepa_mem.integrations.wrap import PROJECTOR_FILE, Crepa
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 CFG = CrepaConfig(enabled=True, block_index=1, encoder_image_size=70, encoder_frames_batch_size=2)

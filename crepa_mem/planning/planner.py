@@ -14,12 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import estimate as est
-from .config import CrepaConfig
-from .devices import DeviceInfo, other_visible_gpus, resolve_gpu
-from .errors import CrepaConfigError
-from .profiles import EncoderProfile, ModelProfile, get_encoder, get_model
-from .units import GB, GiB, format_bytes
+from crepa_mem.planning import estimate as est
+from crepa_mem.config import CrepaConfig
+from crepa_mem.planning.devices import DeviceInfo, other_visible_gpus, resolve_gpu
+from crepa_mem.errors import CrepaConfigError
+from crepa_mem.profiles import EncoderProfile, ModelProfile, get_encoder, get_model
+from crepa_mem.units import GB, GiB, format_bytes
 
 ENCODER_LADDER = [("dinov2_vitg14", 518), ("dinov2_vitl14", 518), ("dinov2_vitl14", 448), ("dinov2_vitl14", 224),
                   ("dinov2_vitb14", 518), ("dinov2_vitb14", 448), ("dinov2_vitb14", 224),
@@ -75,7 +75,7 @@ class Plan:
     base_config: CrepaConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        from .report import plan_to_dict
+        from crepa_mem.planning.report import plan_to_dict
 
         return plan_to_dict(self)
 

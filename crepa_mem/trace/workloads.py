@@ -23,13 +23,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .config import CrepaConfig
-from .encoders import DTYPES
-from .errors import CrepaConfigError
-from .loss import temporal_indices
-from .teacher import TeacherPath, denormalize_latents, encode_tokens, module_dtype, IMAGENET_MEAN, IMAGENET_STD
-from .tiers import place
-from .trace_runtime import FAKE_GPU, LiveBytes, fake_gpu, materialize
+from crepa_mem.config import CrepaConfig
+from crepa_mem.teacher.encoders import DTYPES
+from crepa_mem.errors import CrepaConfigError
+from crepa_mem.loss import temporal_indices
+from crepa_mem.teacher.path import TeacherPath, denormalize_latents, encode_tokens, module_dtype, IMAGENET_MEAN, IMAGENET_STD
+from crepa_mem.teacher.tiers import place
+from crepa_mem.trace.runtime import FAKE_GPU, LiveBytes, fake_gpu, materialize
 
 # ---------------------------------------------------------------- real configs
 # VAEs by profile name (profiles/models.toml [vae.*]). Latent statistics do not change memory and
@@ -85,7 +85,7 @@ def build_encoder(name: str) -> torch.nn.Module:
     """A transformers DINOv2 (`_reg`: with 4 registers) on the meta device, SDPA attention."""
     from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
-    from .config import canonical_encoder_name
+    from crepa_mem.config import canonical_encoder_name
 
     key = canonical_encoder_name(name)
     base, registers = key.removesuffix("_reg"), key.endswith("_reg")
@@ -125,7 +125,7 @@ class Workload:
         self.profile().check_shape(self.frames, self.height, self.width)
 
     def profile(self):
-        from .profiles import get_model
+        from crepa_mem.profiles import get_model
 
         return get_model(self.model)
 
@@ -238,7 +238,7 @@ def _trace(workload: Workload, settings: TeacherSettings, progress: Progress | N
         if settings.feature_cache and not baseline:
             return _trace_cache(workload, s, enc_dtype, tracker, start)
         cfg = settings.config()
-        from .regularizer import prepare_vae
+        from crepa_mem.teacher.vae import prepare_vae
 
         vae = prepare_vae(materialize(build_vae(profile.vae.name), "cpu", DTYPES[workload.vae_dtype]),
                           cfg if not baseline else CrepaConfig())
@@ -284,7 +284,7 @@ def _stream_prefetch(placement) -> int:
 def _trace_cache(workload: Workload, s: dict, enc_dtype: torch.dtype, tracker: LiveBytes, start: float) -> TraceResult:
     """The feature cache: no VAE, no encoder; the features of the selected frames are read to the GPU
     in the cache's dtype and cast to fp32 for the loss, as the regularizer does."""
-    from .profiles import get_encoder
+    from crepa_mem.profiles import get_encoder
 
     dim = get_encoder(workload.encoder).hidden_size
     tracker.reset_peak()

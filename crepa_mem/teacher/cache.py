@@ -25,11 +25,11 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .cache_store import FeatureStore, latent_key, settings_diff
-from .config import CrepaConfig
-from .errors import FeatureCacheError
-from .loss import temporal_indices
-from .teacher import TeacherFeatures, TeacherPath, encoder_dim, vae_latent_channels
+from crepa_mem.teacher.store import FeatureStore, latent_key, settings_diff
+from crepa_mem.config import CrepaConfig
+from crepa_mem.errors import FeatureCacheError
+from crepa_mem.loss import temporal_indices
+from crepa_mem.teacher.path import TeacherFeatures, TeacherPath, encoder_dim, vae_latent_channels
 
 # Bump when the teacher path's arithmetic changes (decode, frame selection, resize, normalisation,
 # token choice): every cache built before then becomes a settings mismatch instead of a silent drift.
@@ -76,8 +76,8 @@ def encoder_identity(name: str) -> str:
                 f.seek(max(0, size - (1 << 20)))
                 h.update(f.read(1 << 20))
         return f"dir:{h.hexdigest()[:32]}"
-    from .encoders import hub_id_for
-    from .errors import ProfileNotFoundError
+    from crepa_mem.teacher.encoders import hub_id_for
+    from crepa_mem.errors import ProfileNotFoundError
 
     try:
         return hub_id_for(name)
@@ -101,7 +101,7 @@ def teacher_settings(cfg: CrepaConfig) -> dict[str, Any]:
 
 def vae_settings(vae: nn.Module) -> dict[str, Any]:
     """What the VAE is (class + config) and the dtype it decodes in: the trainer's own VAE must match."""
-    from .teacher import module_dtype
+    from crepa_mem.teacher.path import module_dtype
 
     return {"vae_class": type(vae).__name__, "vae_config_sha256": _config_sha(dict(vae.config)),
             "vae_dtype": str(module_dtype(vae)).removeprefix("torch.")}
@@ -250,8 +250,8 @@ def load_model_vae(model: str, dtype: torch.dtype = torch.float32) -> nn.Module:
 
     import diffusers
 
-    from .errors import EncoderNotAvailableError
-    from .profiles import get_model
+    from crepa_mem.errors import EncoderNotAvailableError
+    from crepa_mem.profiles import get_model
 
     prof = get_model(model)
     try:
@@ -299,9 +299,9 @@ def build_feature_cache(files: Sequence[Path], out: str | os.PathLike, *, cfg: C
     killed build resumes where it stopped. `on_file` is called after each file (progress), and
     `on_entry(n)` after the n-th entry this process wrote (a test seam for interruptions).
     """
-    from .encoders import DTYPES
-    from .regularizer import prepare_vae
-    from .tiers import place
+    from crepa_mem.teacher.encoders import DTYPES
+    from crepa_mem.teacher.vae import prepare_vae
+    from crepa_mem.teacher.tiers import place
 
     t0 = time.perf_counter()
     device = torch.device(device)

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .diagnose import Context, Finding
-from .diagnose_rules import Event, detect_events, has_trigger, is_wrapper_error, oom_complete, oom_numbers, short_frames
+from crepa_mem.doctor.findings import Context, Finding
+from crepa_mem.doctor.rules import Event, detect_events, has_trigger, is_wrapper_error, oom_complete, oom_numbers, short_frames
 
 MAX_LINE_BYTES = 64 * 1024
 """Lines are matched up to this many characters; reads never take more than this past a block."""
@@ -227,7 +227,7 @@ def scan_log(source: Any) -> LogScan:
 
 def findings_from_scan(scan: LogScan, ctx: Context) -> list[Finding]:
     """Findings with fixes for what a scan found, plus one note for an empty, binary or clean log."""
-    from .diagnose_fixes import finding_for_event, log_notes
+    from crepa_mem.doctor.fixes import finding_for_event, log_notes
 
     findings: list[Finding] = []
     for event in scan.events.values():

@@ -4,72 +4,21 @@ The work is split by source: `diagnose_logs` (the streamed log; `diagnose_rules`
 failure on a line, `diagnose_fixes` turns events into findings, the OOM fix through the planner),
 `diagnose_config` (SimpleTuner / crepa-mem config checks), `diagnose_machine` (NVML, torch build,
 pinned memory, package versions).
-This module holds what they share — `Finding`, the `Context` they read — and `diagnose()`, which
-runs them and sorts the findings.
+What they share — `Finding`, the `Context` they read — lives below them in `findings`; this module
+holds `diagnose()`, which runs them and sorts the findings.
 No torch here: only the machine check imports it, lazily.
 """
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .errors import CrepaConfigError
-from .units import parse_size
-
-SEVERITIES = ("error", "warning", "info")
-PHASES = ("vae_decode", "encoder", "projector", "transformer", "unknown")
-SUPPORTED_FAMILIES = ("wan", "ltxvideo", "sanavideo", "kandinsky5_video")
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One diagnosis: a stable `code`, a severity, what happened (message) and what to do (fix)."""
-
-    code: str
-    severity: str
-    message: str
-    fix: str
-    details: dict = field(default_factory=dict, compare=False, hash=False)
-
-    def __post_init__(self) -> None:
-        if self.severity not in SEVERITIES:
-            raise ValueError(f"severity={self.severity!r} is invalid: valid is {' · '.join(SEVERITIES)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"code": self.code, "severity": self.severity,
-                               "message": self.message, "fix": self.fix}
-        if "phase" in self.details:  # OOM findings: the phase is a top-level key too
-            out["phase"] = self.details["phase"]
-        out["details"] = dict(self.details)
-        return out
-
-
-@dataclass
-class Context:
-    """What the checks know about the user's run; every field may be unknown (None)."""
-
-    model: Any = None
-    """ModelProfile from --model or SimpleTuner's model_family/model_flavour."""
-    model_family: str | None = None
-    """The raw model_family of the config (may be a family without CREPA hooks)."""
-    model_note: str | None = None
-    """Why the model is unknown (a flavour missing from the catalog, …)."""
-    gpu: str | None = None
-    """--gpu as given: a catalog name or a size."""
-    frames: int | None = None
-    height: int | None = None
-    width: int | None = None
-    config: dict[str, Any] = field(default_factory=dict)
-    """The config file's keys, normalised (no leading dashes, '-' → '_')."""
-
-
-def normalise_keys(data: Mapping[str, Any]) -> dict[str, Any]:
-    """`--crepa-lambda` / `--crepa_lambda` / `crepa_lambda` → `crepa_lambda` (SimpleTuner accepts all)."""
-    return {str(k).lstrip("-").replace("-", "_"): v for k, v in data.items()}
-
+from crepa_mem.doctor.findings import PHASES, SEVERITIES, SUPPORTED_FAMILIES, Context, Finding, normalise_keys  # noqa: F401
+from crepa_mem.errors import CrepaConfigError
+from crepa_mem.units import parse_size
 
 # ---------------------------------------------------------------------------- the report
 
@@ -95,8 +44,8 @@ def sort_findings(findings: Iterable[Finding]) -> list[Finding]:
 def _resolve_model(name: str | None, config: Mapping[str, Any]) -> tuple[Any, str | None, str | None]:
     """(profile or None, raw model_family, note). A bad --model is bad usage (raises); a config whose
     family/flavour is not in the catalog is a finding, not an exception."""
-    from .errors import ProfileNotFoundError
-    from .profiles import get_model, model_from_simpletuner
+    from crepa_mem.errors import ProfileNotFoundError
+    from crepa_mem.profiles import get_model, model_from_simpletuner
 
     family = config.get("model_family")
     family = str(family).strip().lower() if family else None
@@ -138,7 +87,7 @@ def check_gpu_argument(gpu: str | None) -> str | None:
         parse_size(gpu)
         return gpu
     except ValueError:
-        from .profiles import get_gpu
+        from crepa_mem.profiles import get_gpu
         return get_gpu(gpu).name  # ProfileNotFoundError (exit 2) suggests close names
 
 
@@ -151,7 +100,7 @@ def diagnose(*, config: str | Path | Mapping[str, Any] | None = None, log: Any =
     config: a path or an already-read dict. log: a path, '-' (stdin), a binary/text stream or an
     iterable of lines. machine: run the live checks (NVML, torch, ulimit, versions);
     machine_probe: a `diagnose_machine.MachineProbe` to inject (tests)."""
-    from . import diagnose_config, diagnose_logs
+    from crepa_mem.doctor import config_checks as diagnose_config, logs as diagnose_logs
 
     cfg = {} if config is None else (normalise_keys(config) if isinstance(config, Mapping) else read_config(config))
     gpu = check_gpu_argument(gpu)
@@ -168,7 +117,7 @@ def diagnose(*, config: str | Path | Mapping[str, Any] | None = None, log: Any =
         findings += diagnose_logs.findings_from_scan(scan, ctx)
         summary["log"] = scan.summary()
     if machine:
-        from . import diagnose_machine
+        from crepa_mem.doctor import machine as diagnose_machine
         # an OOM fix's plan picks tiers: judge pinned memory and host RAM for those, not only the config's
         planned = next((f.details["settings"] for f in findings
                         if f.code == "oom" and f.details.get("plan_fits")), {})

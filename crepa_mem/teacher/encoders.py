@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import EncoderNotAvailableError
+from crepa_mem.errors import EncoderNotAvailableError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -20,7 +20,7 @@ def hub_id_for(name: str) -> str:
     """dinov2_vitg14 → facebook/dinov2-giant (profiles/encoders.toml); hub ids pass through."""
     if "/" in name:
         return name
-    from .profiles import get_encoder
+    from crepa_mem.profiles import get_encoder
 
     return get_encoder(name).hub_id
 

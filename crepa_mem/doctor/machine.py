@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .diagnose import Context, Finding
-from .units import GiB, format_bytes
+from crepa_mem.doctor.findings import Context, Finding
+from crepa_mem.units import GiB, format_bytes
 
 MIN_VERSIONS = {
     "torch": ("2.4", "crepa-mem's floor (torch.OutOfMemoryError, FakeTensorMode tracing)"),
@@ -182,8 +182,8 @@ def _torch_findings(probe: MachineProbe, gpu_count: int) -> list[Finding]:
 
 def _host_bytes(ctx: Context) -> tuple[int, int, list[str]]:
     """(pinned bytes, host bytes, what) the config's CPU tiers keep in host memory."""
-    from .profiles import get_encoder
-    from .errors import ProfileNotFoundError
+    from crepa_mem.profiles import get_encoder
+    from crepa_mem.errors import ProfileNotFoundError
     cfg = ctx.config
     pinned = host = 0
     what = []

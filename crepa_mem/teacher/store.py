@@ -23,7 +23,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import Tensor
 
-from .errors import FeatureCacheError
+from crepa_mem.errors import FeatureCacheError
 
 FORMAT = "crepa-mem-feature-cache"
 FORMAT_VERSION = 1

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping
 
-from .diagnose import Context, Finding
-from .errors import CrepaMemError
-from .units import GiB, format_bytes
+from crepa_mem.doctor.findings import Context, Finding
+from crepa_mem.errors import CrepaMemError
+from crepa_mem.units import GiB, format_bytes
 
 FRAGMENTED_MIN = GiB
 FRAGMENTED_SHARE = 0.05
@@ -58,7 +58,7 @@ def gpu_argument(total_bytes: int | None, fallback: str | None) -> str | None:
     if not total_bytes:
         return fallback
     try:
-        from .profiles import list_gpus
+        from crepa_mem.profiles import list_gpus
         close = [g.name for g in list_gpus() if abs(g.memory_bytes - total_bytes) <= 0.04 * g.memory_bytes]
     except (CrepaMemError, FileNotFoundError):
         close = []
@@ -82,7 +82,7 @@ def config_lines(settings: Mapping[str, Any]) -> str:
 def teacher_resident_bytes(ctx: Context) -> int:
     """Bytes of teacher weights a run keeps on the GPU with its config (SimpleTuner: DINOv2 in fp32
     and the VAE, both resident); zero for what a crepa-mem tier keeps elsewhere."""
-    from .profiles import get_encoder
+    from crepa_mem.profiles import get_encoder
     cfg = ctx.config
     total = 0
     backbone = str(cfg.get("crepa_use_backbone_features")).lower() == "true"
@@ -127,7 +127,7 @@ def plan_fix(ctx: Context, gpu: str | None, train_bytes: int | None = None) -> d
            + ("" if train_gib is None else f" --train-gib {train_gib:g}"))
     out: dict[str, Any] = {"command": cmd, "fits": None, "settings": {}, "train_bytes": train_bytes}
     try:
-        from .planner import plan
+        from crepa_mem.planning.planner import plan
         result = plan(ctx.model, gpu, frames=frames, height=height, width=width, train_gib=train_gib)
     except ImportError:  # a build without the planner: the command still says what to run
         out["text"] = f"Run `{cmd}` and put the crepa_* lines it prints in your config."
@@ -150,7 +150,7 @@ def plan_fix(ctx: Context, gpu: str | None, train_bytes: int | None = None) -> d
 
 def _family_default(family: str | None):
     try:
-        from .profiles import get_model
+        from crepa_mem.profiles import get_model
         return get_model(family) if family else None
     except (CrepaMemError, FileNotFoundError):
         return None
@@ -167,7 +167,7 @@ def block_range_text(ctx: Context, family: str | None = None) -> tuple[str, dict
                 {"model": m.name, "num_blocks": m.num_blocks, "valid_range": [0, m.num_blocks - 1],
                  "recommended_block": m.recommended_block})
     try:
-        from .profiles import family_defaults, get_model
+        from crepa_mem.profiles import family_defaults, get_model
         parts = []
         for family, default in family_defaults().items():
             d = get_model(default)
@@ -261,7 +261,7 @@ def finding_for_event(event, ctx: Context) -> list[Finding]:
                    f"{ctx.model.name} ({ctx.model.num_blocks} blocks){at}. The block index is not the cause: the "
                    f"family's CREPA hook was not installed.")
             fix = ("Use a model_family with CREPA hooks (wan, ltxvideo, sanavideo, kandinsky5_video) and a SimpleTuner "
-                   "≥ 4.10, or wrap the transformer with crepa_mem.wrap (it hooks the block list directly).")
+                   "≥ 4.10, or wrap the transformer with crepa_mem.integrations.wrap (it hooks the block list directly).")
         else:
             what = f"block {idx}" if idx is not None else "the configured block"
             msg = f"CREPA asked for the hidden states of {what} but the transformer returned none{at}: {valid}."
@@ -281,7 +281,7 @@ def finding_for_event(event, ctx: Context) -> list[Finding]:
                         f"SimpleTuner could not infer the transformer's hidden size{at}: its config has neither "
                         "num_attention_heads × attention_head_dim nor hidden_size, so the projector cannot be built.",
                         "Use a model_family with CREPA hooks (wan, ltxvideo, sanavideo, kandinsky5_video); for a "
-                        "custom transformer, use crepa_mem.wrap, which reads the width from the captured block output.",
+                        "custom transformer, use crepa_mem.integrations.wrap, which reads the width from the captured block output.",
                         details)]
     if code == "device_mismatch":
         devs = " and ".join(d.get("devices") or ["two devices"])

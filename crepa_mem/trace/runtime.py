@@ -203,7 +203,7 @@ def _cuda_binding_shims() -> Iterator[None]:
             self.fake_device = new.fake_device
 
     def module_to(self, *args, **kwargs):
-        from .tiers import move_module
+        from crepa_mem.teacher.placement import move_module
 
         device, dtype, _non_blocking, _fmt = torch._C._nn._parse_to(*args, **kwargs)
         return move_module(self, device, dtype)
@@ -239,8 +239,8 @@ def _real_frame_selection() -> Iterator[None]:
     back as the values (`.tolist()` is all the teacher reads)."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    from . import teacher
-    from .loss import temporal_indices
+    from crepa_mem.teacher import path as teacher
+    from crepa_mem.loss import temporal_indices
 
     def real_indices(source_frames: int, target_frames: int, device=None):
         with unset_fake_temporarily():

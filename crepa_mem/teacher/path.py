@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import ShapeError, TeacherOutOfMemoryError
-from .loss import temporal_indices
-from .tiers import Placement
+from crepa_mem.errors import ShapeError, TeacherOutOfMemoryError
+from crepa_mem.loss import temporal_indices
+from crepa_mem.teacher.placement import Placement
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -8,9 +8,9 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .devices import DeviceInfo
-    from .planner import Plan
-    from .profiles import EncoderProfile, GpuProfile, ModelProfile
+    from crepa_mem.planning.devices import DeviceInfo
+    from crepa_mem.planning.planner import Plan
+    from crepa_mem.profiles import EncoderProfile, GpuProfile, ModelProfile
 
 
 def gpu_to_dict(d: "DeviceInfo") -> dict[str, Any]:

@@ -13,9 +13,9 @@ from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
-from .config import CrepaConfig, canonical_encoder_name
-from .diagnose import SUPPORTED_FAMILIES, Context, Finding
-from .errors import CrepaConfigError, ProfileNotFoundError
+from crepa_mem.config import CrepaConfig, canonical_encoder_name
+from crepa_mem.doctor.findings import SUPPORTED_FAMILIES, Context, Finding
+from crepa_mem.errors import CrepaConfigError, ProfileNotFoundError
 
 CONFIG_ONLY = {
     "crepa_cumulative_neighbors": "use offsets 1..d instead of exactly d",
@@ -209,7 +209,7 @@ def _encoder_findings(cfg: dict[str, Any], ctx: Context, enabled: bool, backbone
     if Path(name).expanduser().is_dir():
         local = local or name
     out: list[Finding] = []
-    from .profiles import get_encoder
+    from crepa_mem.profiles import get_encoder
     try:
         enc = get_encoder(name)
     except ProfileNotFoundError as e:

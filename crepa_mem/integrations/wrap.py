@@ -19,11 +19,11 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from .capture import BlockCapture, hidden_size_of, unwrap
-from .config import CrepaConfig
-from .errors import CrepaMemError
-from .regularizer import CrepaRegularizer
-from .tiers import module_device
+from crepa_mem.capture import BlockCapture, hidden_size_of, unwrap
+from crepa_mem.config import CrepaConfig
+from crepa_mem.errors import CrepaMemError
+from crepa_mem.regularizer import CrepaRegularizer
+from crepa_mem.teacher.placement import module_device
 
 PROJECTOR_FILE = "crepa_projector.safetensors"
 
@@ -185,7 +185,7 @@ def wrap(transformer: nn.Module, *, vae: nn.Module | None = None, encoder: nn.Mo
     """Attach CREPA to a stock diffusers video transformer (Wan, LTX-Video, Sana-Video, Kandinsky 5)."""
     cfg = resolve_config(config, plan, feature_cache)
     if _is_distributed_wrapper(transformer):
-        warnings.warn("crepa_mem.wrap was called on a model already wrapped by DDP/FSDP: the projector it registers "
+        warnings.warn("crepa_mem.integrations.wrap was called on a model already wrapped by DDP/FSDP: the projector it registers "
                       "is not synchronised or sharded by that wrapper. Call wrap() before accelerator.prepare().",
                       RuntimeWarning, stacklevel=2)
     base = unwrap(transformer)

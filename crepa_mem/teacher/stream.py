@@ -37,8 +37,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .errors import CrepaConfigError
-from .tiers import Placement, move_module, pinning_available
+from crepa_mem.errors import CrepaConfigError
+from crepa_mem.teacher.placement import Placement, move_module, pinning_available
 
 # Children of a DINOv2 / VAE decoder whose own children are the blocks to stream one at a time.
 _ENCODER_BLOCK_PARENTS = ("encoder",)          # transformers Dinov2Model(.encoder.layer[i])

@@ -22,75 +22,11 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .errors import CrepaConfigError
+from crepa_mem.errors import CrepaConfigError
+from crepa_mem.teacher.placement import Placement, move_module, pinning_available, tensors_of
+from crepa_mem.teacher.stream import StreamPlacement
 
 PLACED_TIERS = ("gpu", "swap", "stream", "device")
-
-
-def module_device(module: nn.Module) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def module_bytes(module: nn.Module) -> int:
-    """Bytes of the parameters and buffers (shared tensors counted once)."""
-    seen, total = set(), 0
-    for t in (*module.parameters(), *module.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
-    return total
-
-
-def _tensors(module: nn.Module) -> list[torch.Tensor]:
-    """Parameters and buffers, each once (tied weights stay tied because the objects are kept)."""
-    out, seen = [], set()
-    for t in (*module.parameters(), *module.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            out.append(t)
-    return out
-
-
-def pinning_available() -> bool:
-    """Pinned host memory only means something (and only works) when CUDA exists."""
-    return torch.cuda.is_available()
-
-
-def move_module(module: nn.Module, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                *, pin: bool = False) -> nn.Module:
-    """`module.to(device, dtype)` done tensor by tensor through `.data`, keeping every Parameter object.
-
-    This is what nn.Module.to does for ordinary tensors; doing it here also works for the fake tensors
-    of `crepa-mem trace`, for which torch 2.13's Module.to takes a swap_tensors path that fails.
-    Floating tensors only change dtype (integer buffers keep theirs, as with Module.to).
-    """
-    device = torch.device(device) if device is not None else None
-    for t in _tensors(module):
-        want_dtype = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
-        want_device = device or t.device
-        if t.device != want_device or t.dtype != want_dtype:
-            t.data = t.data.to(device=want_device, dtype=want_dtype)
-        if pin and t.device.type == "cpu" and not t.data.is_pinned():
-            t.data = t.data.pin_memory()
-    return module
-
-
-class Placement:
-    """A component with its tier: `exec_device` is where its inputs must be (gpu and device tiers)."""
-
-    def __init__(self, module: nn.Module, *, tier: str, exec_device: torch.device | str):
-        self.module, self.tier, self.exec_device = module, tier, torch.device(exec_device)
-
-    @contextmanager
-    def active(self) -> Iterator[nn.Module]:
-        """The module, ready to run on `exec_device` for the duration of the block."""
-        yield self.module
-
-    def facts(self) -> dict:
-        """For the per-step logs: where this component lives and runs."""
-        return {"tier": self.tier, "device": str(self.exec_device)}
 
 
 class SwapPlacement(Placement):
@@ -119,7 +55,7 @@ class SwapPlacement(Placement):
             finally:
                 self._depth -= 1
             return
-        tensors = _tensors(self.module)
+        tensors = tensors_of(self.module)
         host = [t.data for t in tensors]
         self._depth += 1
         try:
@@ -147,8 +83,6 @@ def place(module: nn.Module, tier: str, *, compute_device: torch.device | str,
     if tier == "swap":
         return SwapPlacement(module, exec_device=compute_device)
     if tier == "stream":
-        from .tiers_stream import StreamPlacement
-
         return StreamPlacement(module, exec_device=compute_device)
     if tier == "device":
         target = torch.device(teacher_device or "cpu")

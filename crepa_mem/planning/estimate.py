@@ -23,9 +23,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import CrepaConfigError
-from .profiles import EncoderProfile, ModelProfile, VaeProfile
-from .units import dtype_bytes
+from crepa_mem.errors import CrepaConfigError
+from crepa_mem.profiles import EncoderProfile, ModelProfile, VaeProfile
+from crepa_mem.units import dtype_bytes
 
 PHASES = ("decode", "encode", "loss")
 ON_GPU = ("gpu", "swap", "stream")  # tiers that run the module on the training GPU
@@ -303,7 +303,7 @@ def calibration_cases() -> list[dict]:
 
 def estimate_case(case: dict, profiles_dir=None) -> Estimate:
     """estimate() for one calibration_cases() entry."""
-    from .profiles import get_encoder, get_model
+    from crepa_mem.profiles import get_encoder, get_model
 
     kw = dict(case)
     return estimate(get_model(kw.pop("model"), profiles_dir), get_encoder(kw.pop("encoder"), profiles_dir), **kw)

@@ -16,8 +16,8 @@ import re
 import sys
 from dataclasses import asdict, dataclass, field
 
-from .errors import CrepaConfigError
-from .units import GB, parse_size
+from crepa_mem.errors import CrepaConfigError
+from crepa_mem.units import GB, parse_size
 
 # Host→device bandwidth: spec GB/s per lane × lanes × efficiency. Efficiency from REFERENCE §6:
 # Gen4 x16 measured ≈ 25 of 31.5 GB/s spec; Gen5 x16 ≈ 35 of 63 GB/s spec.
@@ -67,7 +67,7 @@ def h2d_bandwidth(pcie_gen: int | None, pcie_width: int | None) -> int | None:
 # ---------------------------------------------------------------------------- catalog / size
 
 def from_catalog(name: str, profiles_dir=None, note: str = "") -> DeviceInfo:
-    from .profiles import get_gpu
+    from crepa_mem.profiles import get_gpu
 
     g = get_gpu(name, profiles_dir)
     return DeviceInfo(index=None, name=g.name, uuid=None, total_bytes=g.memory_bytes, free_bytes=g.memory_bytes,
@@ -136,7 +136,7 @@ def _memory(pynvml, handle):
 
 
 def _read_device(pynvml, handle, index: int, profiles_dir=None, name: str | None = None) -> DeviceInfo:
-    from .profiles import match_gpu
+    from crepa_mem.profiles import match_gpu
 
     name = name or _text(pynvml.nvmlDeviceGetName(handle))
     total, free, reserved, used = _memory(pynvml, handle)
