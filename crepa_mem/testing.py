@@ -66,6 +66,20 @@ def tiny_dinov2(
 # --------------------------------------------------------------------------- VAEs
 
 
+def meta_dinov2(layers: int = 4, width: int = 64):
+    """A DINOv2 built on the meta device (no memory), for the fake-GPU runtime of `crepa_mem.trace`."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    with torch.device("meta"):
+        return Dinov2Model(Dinov2Config(hidden_size=width, num_hidden_layers=layers, num_attention_heads=2,
+                                        intermediate_size=width * 4, image_size=28, patch_size=14)).eval()
+
+
+def devices_of(module: torch.nn.Module) -> set[str]:
+    """Every device the module's parameters and buffers are on."""
+    return {str(t.device) for t in (*module.parameters(), *module.buffers())}
+
+
 def _ramp(n: int, lo: float, hi: float) -> list[float]:
     """n distinct deterministic values: stands in for per-channel latent statistics."""
     return [lo + (hi - lo) * i / max(n - 1, 1) for i in range(n)]
