@@ -128,6 +128,43 @@ def _grid_from_coords(video_coords: Tensor) -> tuple[int, int, int]:
     return tuple(int(torch.unique(coords[axis]).numel()) for axis in range(3))  # type: ignore[return-value]
 
 
+class ForwardScopedHooks:
+    """Forward hooks on some blocks that fire only inside the model's own forward.
+
+    Armed by the model's forward pre-hook and disarmed when that forward returns (always, even on error), so a
+    block rerun outside it — recomputation in backward under gradient checkpointing — never overwrites what the
+    forward kept. `on_forward(module, args, kwargs)` runs first at each model forward; `on_block(index, output)`
+    for each hooked block's output while armed. One mechanism for `BlockCapture` and hook-style adapters."""
+
+    def __init__(self, model: nn.Module, blocks: dict[int, nn.Module], *, on_forward, on_block):
+        self.armed = False
+        self._on_forward, self._on_block = on_forward, on_block
+        self._handles = [model.register_forward_pre_hook(self._arm, with_kwargs=True),
+                         model.register_forward_hook(self._disarm, always_call=True)]
+        for index, block in blocks.items():
+            self._handles.append(block.register_forward_hook(self._block_hook(index)))
+
+    def _arm(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._on_forward(module, args, kwargs)
+        self.armed = True
+
+    def _disarm(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.armed = False
+
+    def _block_hook(self, index: int):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if self.armed:
+                self._on_block(index, output)
+
+        return hook
+
+    def remove(self) -> None:
+        """Remove every hook; safe to call more than once."""
+        while self._handles:
+            self._handles.pop().remove()
+        self.armed = False
+
+
 class BlockCapture:
     """Keeps the output of one DiT block (and optionally a teacher block, detached) from the
     latest transformer forward. Persistent: hooks stay until `remove()`."""
@@ -139,15 +176,11 @@ class BlockCapture:
         self._model = unwrap(transformer)
         # the class's forward: accelerate may replace the instance's with a (*args, **kwargs) wrapper
         self._arg_names = list(inspect.signature(type(self._model).forward).parameters)[1:]
-        self._handles: list[Any] = []
         self.clear()
-        self._armed = False
-        self._handles.append(self._model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
-        self._handles.append(self._model.register_forward_hook(self._on_forward_end, always_call=True))
         blocks = getattr(self._model, self.spec.blocks_attr)
-        for index in {self.block_index, self.teacher_block_index} - {None}:
-            hook = self._block_hook(index)
-            self._handles.append(blocks[index].register_forward_hook(hook))
+        self._hooks = ForwardScopedHooks(
+            self._model, {i: blocks[i] for i in {self.block_index, self.teacher_block_index} - {None}},
+            on_forward=self._on_forward, on_block=self._on_block)
 
     def _check_index(self, index: int) -> int:
         n = self.spec.num_blocks
@@ -170,10 +203,6 @@ class BlockCapture:
         self._grad_at_forward = torch.is_grad_enabled()
         inputs = dict(zip(self._arg_names, args), **kwargs)
         self._grid, self._fractal = self._grid_of(inputs)
-        self._armed = True
-
-    def _on_forward_end(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self._armed = False
 
     def _grid_of(self, inputs: dict[str, Any]) -> tuple[tuple[int, int, int], bool]:
         pt, ph, pw = self.spec.patch_size
@@ -196,27 +225,22 @@ class BlockCapture:
         _, _, t, h, w = latents.shape  # Wan, Sana: (B, C, T, H, W)
         return (t // pt, h // ph, w // pw), False
 
-    def _block_hook(self, index: int):
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if not self._armed:  # e.g. recomputation during backward under checkpointing
-                return
-            hidden = _block_output(output)
-            if not isinstance(hidden, Tensor):
-                return
-            if (
-                index == self.block_index
-                and self._raw is None
-                and self._grad_at_forward
-                and not torch.is_grad_enabled()
-                and not hidden.requires_grad
-            ):
-                self._reentrant = True  # inside a use_reentrant=True checkpoint: no gradient path
-            if index == self.block_index and self._raw is None:
-                self._raw = hidden
-            if index == self.teacher_block_index and self._teacher_raw is None:
-                self._teacher_raw = hidden.detach()
-
-        return hook
+    def _on_block(self, index: int, output: Any) -> None:
+        hidden = _block_output(output)
+        if not isinstance(hidden, Tensor):
+            return
+        if (
+            index == self.block_index
+            and self._raw is None
+            and self._grad_at_forward
+            and not torch.is_grad_enabled()
+            and not hidden.requires_grad
+        ):
+            self._reentrant = True  # inside a use_reentrant=True checkpoint: no gradient path
+        if index == self.block_index and self._raw is None:
+            self._raw = hidden
+        if index == self.teacher_block_index and self._teacher_raw is None:
+            self._teacher_raw = hidden.detach()
 
     # ------------------------------------------------------------------ results
 
@@ -288,9 +312,7 @@ class BlockCapture:
 
     def remove(self) -> None:
         """Remove every hook; safe to call more than once."""
-        while self._handles:
-            self._handles.pop().remove()
-        self._armed = False
+        self._hooks.remove()
         self.clear()
 
 

@@ -50,7 +50,7 @@ def test_projector_is_registered_trainable_and_removed():
     assert any("lora_B" in n for n in names)
     crepa.remove()
     assert not hasattr(model, "crepa_projector")
-    assert not crepa.capture._handles
+    assert not crepa.capture._hooks._handles
     crepa.remove()  # idempotent
 
 

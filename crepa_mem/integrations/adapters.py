@@ -22,37 +22,30 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from crepa_mem.capture import _family_of, unwrap
+from crepa_mem.capture import ForwardScopedHooks, _family_of, unwrap
 from crepa_mem.errors import CaptureError
 
 __all__ = ["CrepaHooks"]
 
 
 class _BlockOutput:
-    """Keeps one block's output from the latest model forward: armed by the model's forward pre-hook,
-    disarmed when the forward returns, so recomputation under gradient checkpointing never overwrites it."""
+    """Keeps one block's output from the latest model forward (capture's forward-scoped hooks, so recomputation
+    under gradient checkpointing never overwrites it)."""
 
     def __init__(self, model: nn.Module, block: nn.Module):
         self.output: Tensor | None = None
-        self._armed = False
-        self._handles = [model.register_forward_pre_hook(self._arm),
-                         model.register_forward_hook(self._disarm, always_call=True),
-                         block.register_forward_hook(self._keep)]
+        self._hooks = ForwardScopedHooks(model, {0: block}, on_forward=self._reset, on_block=self._keep)
 
-    def _arm(self, module, args) -> None:
-        self.output, self._armed = None, True
+    def _reset(self, module, args, kwargs) -> None:
+        self.output = None
 
-    def _disarm(self, module, args, output) -> None:
-        self._armed = False
-
-    def _keep(self, module, args, output) -> None:
-        if self._armed and self.output is None:
+    def _keep(self, index: int, output) -> None:
+        if self.output is None:
             out = output[0] if isinstance(output, (tuple, list)) else output
             self.output = out if isinstance(out, Tensor) else None
 
     def remove(self) -> None:
-        while self._handles:
-            self._handles.pop().remove()
+        self._hooks.remove()
         self.output = None
 
 
