@@ -45,7 +45,8 @@ class CrepaRegularizer:
         elif cfg.feature_cache is not None and "cache" in (cfg.encoder_tier, cfg.vae_tier):
             from crepa_mem.teacher.cache import FeatureCacheTeacher  # no encoder and no VAE in memory
 
-            self.teacher = FeatureCacheTeacher.open(cfg.feature_cache, cfg, compute_device=self.device, vae=vae)
+            self.teacher = FeatureCacheTeacher.open(cfg.feature_cache, cfg, compute_device=self.device, vae=vae,
+                                                  encoder=encoder)
             dim = self.teacher.encoder_dim
         else:
             if encoder is None:

@@ -8,11 +8,20 @@ from safetensors.torch import save_file
 from crepa_mem import CrepaConfig, CrepaRegularizer
 from crepa_mem.teacher.cache import (FeatureCacheTeacher, LatentFileError, build_feature_cache, encoder_identity,
                              find_latent_files, load_vae, read_latents)
-from crepa_mem.teacher.store import FeatureStore
+from crepa_mem.teacher.store import FeatureStore, _host
 from crepa_mem.errors import FeatureCacheError
 from crepa_mem.testing import tiny_dinov2, tiny_vae
 
 D_DIT = 24
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (a killed build's)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)
 FRAMES, HW = 3, (4, 4)
 
 
@@ -107,7 +116,7 @@ def test_interrupted_build_resumes_without_corrupt_entries(models, tmp_path):
     assert len(list(store.keys())) == 2
     # a process killed inside a write leaves only its temp file, which the next build removes
     shard = next((out / "entries").iterdir())
-    (shard / ".tmp-r0-killed.part").write_bytes(b"half an entry")
+    (shard / f".tmp-r0-p{dead_pid()}@{_host()}~killed.part").write_bytes(b"half an entry")
     summary = _build(models, lat_dir, out)
     assert (summary.skipped, summary.written, summary.repaired) == (2, 2, 0)
     keys = list(store.keys())

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from crepa_mem.teacher.store import (MANIFEST, FeatureStore, atomic_write, latent_key, settings_diff,
+from crepa_mem.teacher.store import (MANIFEST, STALE_SECONDS, FeatureStore, _host, atomic_write, temp_prefix, latent_key, settings_diff,
                                    tensor_checksum)
 from crepa_mem.errors import FeatureCacheError
 
@@ -128,14 +128,28 @@ def test_failed_atomic_write_keeps_the_old_file_and_no_temp(tmp_path, monkeypatc
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]
 
 
-def test_stale_temps_are_removed_per_rank(tmp_path):
+def test_only_temps_of_dead_owners_are_removed(tmp_path):
+    """A starting build keeps the temps of every live build (same --out, any rank) and removes those of
+    dead ones, of any rank (a smaller world than last time leaves higher ranks' behind)."""
+    import subprocess
+    import sys
+    import time
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
     store = _store(tmp_path)
     shard = store.root / "entries" / "ab"
     shard.mkdir(parents=True)
-    (shard / ".tmp-r0-dead.part").write_bytes(b"half")
-    (shard / ".tmp-r1-live.part").write_bytes(b"rank 1 is writing this")
-    assert store.remove_stale_temps(rank=0) == 1
-    assert [p.name for p in store.temp_files()] == [".tmp-r1-live.part"]
+    host = _host()
+    names = {"dead_r0": f".tmp-r0-p{dead}@{host}~a.part", "dead_r7": f".tmp-r7-p{dead}@{host}~b.part",
+             "live": f".tmp-r0-p{os.getppid()}@{host}~c.part", "mine": f"{temp_prefix(0)}d.part",
+             "other_host_fresh": ".tmp-r1-p1@elsewhere~e.part", "other_host_old": ".tmp-r1-p1@elsewhere~f.part"}
+    for name in names.values():
+        (shard / name).write_bytes(b"half")
+    old = time.time() - STALE_SECONDS - 60
+    os.utime(shard / names["other_host_old"], (old, old))
+    assert store.remove_stale_temps() == 3
+    assert sorted(p.name for p in store.temp_files()) == sorted(names[k] for k in ("live", "mine", "other_host_fresh"))
     assert list(store.keys()) == []  # temp files are never entries
 
 

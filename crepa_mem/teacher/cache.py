@@ -12,8 +12,6 @@ is a FeatureCacheError — a cache is never recomputed behind the user's back an
 """
 from __future__ import annotations
 
-import gzip
-import hashlib
 import io
 import json
 import os
@@ -25,98 +23,23 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from crepa_mem.teacher.store import FeatureStore, latent_key, settings_diff
 from crepa_mem.config import CrepaConfig
 from crepa_mem.errors import FeatureCacheError
 from crepa_mem.loss import temporal_indices
+from crepa_mem.teacher.identity import (CONFIG_KEYS, FRAME_SELECTION, TEACHER_RECIPE, VAE_KEYS,  # noqa: F401 - re-exported
+                                        check_settings, encoder_identity, encoder_settings, teacher_settings,
+                                        vae_settings)
 from crepa_mem.teacher.path import TeacherFeatures, TeacherPath, encoder_dim, vae_latent_channels
+from crepa_mem.teacher.store import FeatureStore, latent_key
 
-# Bump when the teacher path's arithmetic changes (decode, frame selection, resize, normalisation,
-# token choice): every cache built before then becomes a settings mismatch instead of a silent drift.
-TEACHER_RECIPE = "crepa-mem-teacher/1"
-FRAME_SELECTION = "linspace(0, F-1, T').long() when F > T', else all F"
 LATENT_SUFFIXES = (".pt", ".safetensors")
-# Settings the training config can be checked against (the VAE ones need the VAE itself).
-CONFIG_KEYS = ("teacher_recipe", "encoder", "encoder_image_size", "encoder_dtype", "true_grid",
-               "vae_tiling", "vae_tile_size", "frame_selection")
-VAE_KEYS = ("vae_class", "vae_config_sha256", "vae_dtype")
+MAX_LATENT_FILE_BYTES = 4 << 30  # a latent file (gzip: its content) larger than this is refused, not read
 
 
 class LatentFileError(FeatureCacheError):
     """A latent file that cannot be read or does not fit the VAE: bad input."""
 
     exit_code = 2
-
-
-# ------------------------------------------------------------------ settings
-_VOLATILE = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_diffusers_version",
-             "_use_default_values", "_commit_hash")
-
-
-def _config_sha(config: dict) -> str:
-    clean = {k: v for k, v in config.items() if k not in _VOLATILE}
-    return hashlib.sha256(json.dumps(clean, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def encoder_identity(name: str) -> str:
-    """What the encoder *is*: a hub id for a known name or hub id; for a local directory, a fingerprint
-    of its config and weight files (sizes and the first/last MiB: cheap at train start, differs for
-    different weights), so a moved folder still matches and a different checkpoint does not."""
-    path = Path(name)
-    if path.is_dir():
-        h = hashlib.sha256()
-        cfg_file = path / "config.json"
-        if cfg_file.is_file():
-            h.update(_config_sha(json.loads(cfg_file.read_text())).encode())
-        for weights in sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin")):
-            size = weights.stat().st_size
-            h.update(f"{weights.name}:{size}".encode())
-            with open(weights, "rb") as f:
-                h.update(f.read(1 << 20))
-                f.seek(max(0, size - (1 << 20)))
-                h.update(f.read(1 << 20))
-        return f"dir:{h.hexdigest()[:32]}"
-    from crepa_mem.teacher.encoders import hub_id_for
-    from crepa_mem.errors import ProfileNotFoundError
-
-    try:
-        return hub_id_for(name)
-    except ProfileNotFoundError:
-        return name
-
-
-def teacher_settings(cfg: CrepaConfig) -> dict[str, Any]:
-    """The config's settings that change the teacher features (the keys of CONFIG_KEYS)."""
-    return {
-        "teacher_recipe": TEACHER_RECIPE,
-        "encoder": encoder_identity(cfg.encoder),
-        "encoder_image_size": None if cfg.true_grid else int(cfg.encoder_image_size),
-        "encoder_dtype": cfg.encoder_dtype,
-        "true_grid": bool(cfg.true_grid),
-        "vae_tiling": bool(cfg.vae_tiling),
-        "vae_tile_size": cfg.vae_tile_size if cfg.vae_tiling else None,
-        "frame_selection": FRAME_SELECTION,
-    }
-
-
-def vae_settings(vae: nn.Module) -> dict[str, Any]:
-    """What the VAE is (class + config) and the dtype it decodes in: the trainer's own VAE must match."""
-    from crepa_mem.teacher.path import module_dtype
-
-    return {"vae_class": type(vae).__name__, "vae_config_sha256": _config_sha(dict(vae.config)),
-            "vae_dtype": str(module_dtype(vae)).removeprefix("torch.")}
-
-
-def check_settings(store: FeatureStore, cfg: CrepaConfig, *, vae: nn.Module | None = None, hint: str) -> None:
-    """FeatureCacheError naming every setting in which the store differs from `cfg` (and `vae`)."""
-    wanted, keys = teacher_settings(cfg), list(CONFIG_KEYS)
-    if vae is not None:
-        wanted.update(vae_settings(vae))
-        keys += VAE_KEYS
-    diff = settings_diff(store.settings, wanted, keys)
-    if diff:
-        raise FeatureCacheError(f"feature cache {str(store.root)!r} was built with other settings "
-                                f"({'; '.join(diff)}): {hint}")
 
 
 # ------------------------------------------------------------------ the tier
@@ -132,11 +55,13 @@ class FeatureCacheTeacher:
 
     @classmethod
     def open(cls, directory: str | os.PathLike, cfg: CrepaConfig, compute_device: torch.device | str = "cpu",
-             *, vae: nn.Module | None = None) -> "FeatureCacheTeacher":
-        """Open a store and check it against the config (and the VAE when given)."""
+             *, vae: nn.Module | None = None, encoder: nn.Module | None = None) -> "FeatureCacheTeacher":
+        """Open a store and check it against the config, and against the weights of the VAE and encoder
+        when given (hashed once here, not kept); a warning says which weights could not be checked."""
         store = FeatureStore.open(directory)
-        check_settings(store, cfg, vae=vae, hint="rebuild it with `crepa-mem cache build` and the same "
-                       "settings, or point crepa_mem_feature_cache at a matching cache")
+        check_settings(store, cfg, vae=vae, encoder=encoder, warn_unchecked=True,
+                       hint="rebuild it with `crepa-mem cache build` and the same settings and weights, or "
+                            "point crepa_mem_feature_cache at a matching cache")
         return cls(store, cfg, compute_device)
 
     @property
@@ -206,9 +131,9 @@ def read_latents(path: str | os.PathLike) -> list[Tensor]:
             tensors = load_file(str(path))
             obj = tensors.get("latents", next(iter(tensors.values())) if len(tensors) == 1 else tensors)
         else:
-            data = path.read_bytes()
-            if data[:2] == b"\x1f\x8b":
-                data = gzip.decompress(data)
+            from crepa_mem.fileio import read_capped
+
+            data = read_capped(path, MAX_LATENT_FILE_BYTES)  # gzip too: a bomb stops at the cap
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any read failure is the same user-facing problem
         raise LatentFileError(f"cannot read latent file {str(path)!r}: {type(e).__name__}: {e}") from None
@@ -239,9 +164,15 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.
         cls = getattr(diffusers, name)
     except FileNotFoundError:
         raise LatentFileError(f"--vae {str(path)!r} has no config.json (a diffusers VAE folder is expected)") from None
-    except (KeyError, AttributeError, json.JSONDecodeError) as e:
-        raise LatentFileError(f"--vae {str(path)!r}: config.json does not name a diffusers class ({e})") from None
-    return cls.from_pretrained(str(path), torch_dtype=dtype).eval().requires_grad_(False)
+    except (KeyError, AttributeError, TypeError, ValueError, RecursionError) as e:
+        raise LatentFileError(f"--vae {str(path)!r}: config.json does not name a diffusers class "
+                              f"({type(e).__name__}: {str(e)[:120]})") from None
+    try:
+        vae = cls.from_pretrained(str(path), torch_dtype=dtype)
+    except Exception as e:  # noqa: BLE001 - a damaged weights file fails in many ways (safetensors, pickle, OSError)
+        raise LatentFileError(f"--vae {str(path)!r}: its weights cannot be loaded ({type(e).__name__}: "
+                              f"{str(e)[:160]}); save the VAE again with save_pretrained") from None
+    return vae.eval().requires_grad_(False)
 
 
 def load_model_vae(model: str, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -305,10 +236,11 @@ def build_feature_cache(files: Sequence[Path], out: str | os.PathLike, *, cfg: C
 
     t0 = time.perf_counter()
     device = torch.device(device)
-    settings = {**teacher_settings(cfg), **vae_settings(vae),
+    # The weights fingerprints make a resume with other weights a settings mismatch, not a silent skip.
+    settings = {**teacher_settings(cfg), **vae_settings(vae), **encoder_settings(encoder, cfg),
                 "latents_dtype": str(latents_dtype).removeprefix("torch.") if latents_dtype else "as stored"}
     store = FeatureStore.create(out, settings, encoder_dim=encoder_dim(encoder), info=info, rank=rank)
-    store.remove_stale_temps(rank)
+    store.remove_stale_temps()
     path = TeacherPath(vae=place(prepare_vae(vae, cfg), "gpu", compute_device=device),
                        encoder=place(encoder.eval().requires_grad_(False), "gpu", compute_device=device,
                                      dtype=DTYPES[cfg.encoder_dtype]),
@@ -327,6 +259,10 @@ def build_feature_cache(files: Sequence[Path], out: str | os.PathLike, *, cfg: C
             if latent.shape[0] != channels:
                 raise LatentFileError(f"latent file {str(file)!r} has {latent.shape[0]} channels "
                                       f"{tuple(latent.shape)}, but the {type(vae).__name__} decodes {channels}")
+            if not torch.isfinite(latent).all():
+                bad = int((~torch.isfinite(latent)).sum())
+                raise LatentFileError(f"latent file {str(file)!r} holds {bad} NaN/Inf value(s) in {tuple(latent.shape)}: "
+                                      f"its features would be NaN; re-encode it (remove it from the VAE cache)")
             key = latent_key(latent)
             t_dit = target_frames or max(1, latent.shape[1] // patch_size[0])
             dit_grid = (latent.shape[2] // patch_size[1], latent.shape[3] // patch_size[2]) if cfg.true_grid else None

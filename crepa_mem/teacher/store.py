@@ -8,14 +8,21 @@ Layout of a store directory:
 found for the very tensor it was computed from. Every write goes to a temp file in the same folder and
 is moved into place with os.replace, so a killed build leaves either the old state or the whole new
 entry, never half of one; a checksum of the tensor bytes catches corruption and truncation on read.
+
+Concurrent builds: the manifest is created atomically (os.link of a finished temp file: the first build
+wins, a later one with other settings is refused, never half-adopted), every entry is stamped with the
+settings sha256 of the build that computed it, and temp files are named after their owner (rank, pid,
+host), so a starting build only removes temps whose owner is gone — never those of a live build.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
+import socket
 import struct
-import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -23,19 +30,23 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import Tensor
 
+from crepa_mem import fileio
 from crepa_mem.errors import FeatureCacheError
 
 FORMAT = "crepa-mem-feature-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: weights fingerprints and encoder_dim inside the checksummed settings
 MANIFEST = "manifest.json"
 ENTRIES = "entries"
 SUFFIX = ".safetensors"
-TMP_PREFIX = ".tmp-"  # + "r{rank}-": each build process only ever removes its own leftovers
+TMP_PREFIX = ".tmp-"  # + "r{rank}-p{pid}@{host}~": the owner, so only a dead owner's temps are removed
+STALE_SECONDS = 3600  # a temp of another host lives for one entry's write; an hour old means its build died
+_OWNER = re.compile(r"^\.tmp-r(\d+)-p(\d+)@([^~]*)~")
 _KEY_DOMAIN = b"crepa-mem-latent/1"
+_ENTRY_KEY = re.compile(r"^[0-9a-f]{64}$")
 
 
 # ------------------------------------------------------------------ hashing
-def _tensor_bytes(t: Tensor) -> memoryview:
+def tensor_bytes(t: Tensor) -> memoryview:
     """The raw bytes of a tensor on the CPU (bf16/fp8 too: viewed as uint8, no numpy dtype needed)."""
     flat = t.detach().to("cpu").contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
@@ -45,12 +56,12 @@ def latent_key(latent_CThw: Tensor) -> str:
     """Content hash of one sample's latent: dtype + shape + bytes (the trainer's exact tensor)."""
     h = hashlib.sha256(_KEY_DOMAIN)
     h.update(f"|{str(latent_CThw.dtype).removeprefix('torch.')}|{tuple(latent_CThw.shape)}|".encode())
-    h.update(_tensor_bytes(latent_CThw))
+    h.update(tensor_bytes(latent_CThw))
     return h.hexdigest()
 
 
 def tensor_checksum(t: Tensor) -> str:
-    return hashlib.sha256(_tensor_bytes(t)).hexdigest()
+    return hashlib.sha256(tensor_bytes(t)).hexdigest()
 
 
 def settings_sha(settings: Mapping[str, Any]) -> str:
@@ -58,22 +69,40 @@ def settings_sha(settings: Mapping[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------ atomic files
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:64] or "host"
+
+
+def temp_prefix(rank: int = 0) -> str:
+    return f"{TMP_PREFIX}r{rank}-p{os.getpid()}@{_host()}~"
+
+
 def atomic_write(path: Path, data: bytes, *, rank: int = 0) -> None:
-    """Write `data` to `path` via a temp file in the same folder + fsync + os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}r{rank}-", suffix=".part")
+    """Write `data` to `path` via an owner-named temp file in the same folder (fileio.atomic_write)."""
+    fileio.atomic_write(path, data, prefix=temp_prefix(rank))
+
+
+def _pid_alive(pid: int) -> bool:
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists, owned by someone else
+    return True
+
+
+def temp_is_stale(path: Path, now: float | None = None) -> bool:
+    """Its owner is a dead process of this host, or it is older than STALE_SECONDS (another host, or a
+    name without an owner)."""
+    m = _OWNER.match(path.name)
+    if m and m.group(3) == _host():
+        return int(m.group(2)) != os.getpid() and not _pid_alive(int(m.group(2)))
+    try:
+        age = (now or time.time()) - path.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    return age > STALE_SECONDS
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:
@@ -83,7 +112,11 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
     (n,) = struct.unpack("<Q", data[:8])
     if n > len(data) - 8:
         raise ValueError("header runs past the end of the file")
-    return json.loads(data[8:8 + n]).get("__metadata__") or {}
+    header = json.loads(data[8:8 + n])
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict):
+        raise ValueError("no __metadata__ in the header")
+    return meta
 
 
 # ------------------------------------------------------------------ entries
@@ -109,7 +142,7 @@ class FeatureStore:
         self.root, self.manifest = Path(root), manifest
         self.settings: dict = manifest["settings"]
         self.settings_sha: str = manifest["settings_sha"]
-        self.encoder_dim: int = int(manifest["encoder_dim"])
+        self.encoder_dim: int = manifest["encoder_dim"]
 
     # ---------------------------------------------------------------- opening
     @classmethod
@@ -120,21 +153,14 @@ class FeatureStore:
             raise FeatureCacheError(f"feature cache {str(root)!r} does not exist: build it with "
                                     f"`crepa-mem cache build --latents DIR --out {root}`")
         try:
-            manifest = json.loads(path.read_text())
+            manifest = json.loads(path.read_bytes())
         except FileNotFoundError:
             raise FeatureCacheError(f"{str(root)!r} is not a feature cache (no {MANIFEST}): build it with "
                                     f"`crepa-mem cache build --latents DIR --out {root}`") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise FeatureCacheError(f"manifest {str(path)!r} is corrupt ({e}); rebuild the cache") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise FeatureCacheError(f"{str(path)!r} is not a crepa-mem feature-cache manifest")
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise FeatureCacheError(f"feature cache {str(root)!r} has format version "
-                                    f"{manifest.get('format_version')!r}; this crepa-mem reads {FORMAT_VERSION}: "
-                                    f"rebuild it")
-        if manifest.get("settings_sha") != settings_sha(manifest.get("settings", {})):
-            raise FeatureCacheError(f"manifest {str(path)!r} was edited (settings do not match their sha256); "
-                                    f"rebuild the cache")
+        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise FeatureCacheError(f"manifest {str(path)!r} is corrupt ({type(e).__name__}); "
+                                    f"delete {str(root)!r} and build it again") from None
+        _check_manifest(manifest, path)
         return cls(root, manifest)
 
     @classmethod
@@ -142,25 +168,36 @@ class FeatureStore:
                info: Mapping[str, Any] | None = None, rank: int = 0) -> "FeatureStore":
         """A new store, or the existing one at `root` if it was built with the same settings (resume).
 
-        Every build process may call this: the manifest it writes is the same bytes on every rank.
+        Every build process may call this: the manifest it writes is the same bytes on every rank, and
+        only the first one to link it into place creates the store (an atomic os.link), so two builds
+        that start together can never stamp entries under each other's settings.
         """
         root = Path(root)
         if root.exists() and not root.is_dir():
             raise FeatureCacheError(f"--out {str(root)!r} is a file, not a directory")
-        if (root / MANIFEST).exists():
-            store = cls.open(root)
-            diff = settings_diff(store.settings, settings)
-            if diff:
-                raise FeatureCacheError(f"feature cache {str(root)!r} holds features built with other settings "
-                                        f"({'; '.join(diff)}): use a new --out directory or delete this one")
-            return store
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "settings": dict(settings),
+        settings = {**settings, "encoder_dim": int(encoder_dim)}
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "settings": settings,
                     "settings_sha": settings_sha(settings), "encoder_dim": int(encoder_dim),
                     "built_with": dict(info or {})}
-        atomic_write(root / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n").encode(),
-                     rank=rank)
+        if not (root / MANIFEST).exists():
+            data = (json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n").encode()
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = root / f"{temp_prefix(rank)}manifest.part"
+            fileio.atomic_write(tmp, data, prefix=temp_prefix(rank))
+            try:
+                os.link(tmp, root / MANIFEST)  # fails if another build created it first
+                fileio.fsync_dir(root)
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink(missing_ok=True)
+        store = cls.open(root)
+        diff = settings_diff(store.settings, settings)
+        if diff:
+            raise FeatureCacheError(f"feature cache {str(root)!r} holds features built with other settings "
+                                    f"({'; '.join(diff)}): use a new --out directory or delete this one")
         (root / ENTRIES).mkdir(exist_ok=True)
-        return cls.open(root)
+        return store
 
     # ---------------------------------------------------------------- paths
     def path_of(self, key: str) -> Path:
@@ -168,19 +205,23 @@ class FeatureStore:
 
     def keys(self) -> Iterator[str]:
         for p in sorted((self.root / ENTRIES).glob(f"*/*{SUFFIX}")):
-            if not p.name.startswith("."):
-                yield p.name[: -len(SUFFIX)]
+            key = p.name[: -len(SUFFIX)]
+            if _ENTRY_KEY.match(key) and p.parent.name == key[:2]:  # temps and stray files are never entries
+                yield key
 
     def temp_files(self, rank: int | None = None) -> list[Path]:
         prefix = TMP_PREFIX if rank is None else f"{TMP_PREFIX}r{rank}-"
         return sorted(p for p in self.root.rglob(f"{prefix}*") if p.is_file())
 
-    def remove_stale_temps(self, rank: int = 0) -> int:
-        """Temp files a killed build of this rank left behind (never a finished entry)."""
-        stale = self.temp_files(rank)
-        for p in stale:
-            p.unlink(missing_ok=True)
-        return len(stale)
+    def remove_stale_temps(self) -> int:
+        """Temp files a killed build left behind, of any rank (a smaller world leaves higher ranks'),
+        never one a live build is writing (see `temp_is_stale`), never a finished entry."""
+        now, removed = time.time(), 0
+        for p in self.temp_files():
+            if temp_is_stale(p, now):
+                p.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     # ---------------------------------------------------------------- write / read
     def write(self, key: str, features_TND: Tensor, *, frame_indices: list[int], pixel_frames: int,
@@ -210,23 +251,32 @@ class FeatureStore:
             data = path.read_bytes()
         except FileNotFoundError:
             raise FeatureCacheError(f"feature cache {str(self.root)!r} has no entry {key[:16]}…") from None
+        repair = "run `crepa-mem cache build` again with the same --out to rewrite it"
         try:
             meta = _safetensors_metadata(data)
             feats = load(data)["features"]
         except Exception as e:  # noqa: BLE001 - any parse failure means a damaged file
-            raise FeatureCacheError(f"feature-cache entry {str(path)!r} is corrupt or truncated ({e}); "
-                                    f"run `crepa-mem cache build` again with the same --out to rewrite it") from None
+            raise FeatureCacheError(f"feature-cache entry {str(path)!r} is corrupt or truncated "
+                                    f"({type(e).__name__}: {str(e)[:120]}); {repair}") from None
         if meta.get("checksum") != tensor_checksum(feats):
-            raise FeatureCacheError(f"feature-cache entry {str(path)!r} is corrupt (checksum mismatch); "
-                                    f"run `crepa-mem cache build` again with the same --out to rewrite it")
+            raise FeatureCacheError(f"feature-cache entry {str(path)!r} is corrupt (checksum mismatch); {repair}")
         if meta.get("settings_sha") != self.settings_sha or meta.get("key") != key:
             raise FeatureCacheError(f"feature-cache entry {str(path)!r} was built with other settings than "
-                                    f"this cache's manifest (stale); rebuild the cache")
-        dit_grid = json.loads(meta["dit_grid"])
-        return Entry(key=key, features=feats, frame_indices=json.loads(meta["frame_indices"]),
-                     pixel_frames=int(meta["pixel_frames"]), target_frames=int(meta["target_frames"]),
-                     grid=tuple(json.loads(meta["grid"])), dit_grid=tuple(dit_grid) if dit_grid else None,
-                     source=meta.get("source", ""), nbytes=len(data))
+                                    f"this cache's manifest (stale); {repair}")
+        try:  # the checksum covers the tensor only: every metadata field is checked for what it must be
+            frames, dit_grid, grid = (json.loads(meta[k]) for k in ("frame_indices", "dit_grid", "grid"))
+            entry = Entry(key=key, features=feats, frame_indices=_ints(frames, "frame_indices"),
+                          pixel_frames=int(meta["pixel_frames"]), target_frames=int(meta["target_frames"]),
+                          grid=tuple(_ints(grid, "grid", 2)),
+                          dit_grid=tuple(_ints(dit_grid, "dit_grid", 2)) if dit_grid is not None else None,
+                          source=str(meta.get("source", "")), nbytes=len(data))
+        except (KeyError, ValueError, TypeError) as e:
+            raise FeatureCacheError(f"feature-cache entry {str(path)!r} has damaged metadata "
+                                    f"({type(e).__name__}: {str(e)[:120]}); {repair}") from None
+        if feats.ndim != 3 or feats.shape[-1] != self.encoder_dim:
+            raise FeatureCacheError(f"feature-cache entry {str(path)!r} holds features {tuple(feats.shape)}, but the "
+                                    f"manifest says (frames, tokens, {self.encoder_dim}); {repair}")
+        return entry
 
     def verify(self, key: str) -> str | None:
         """None if the entry reads back intact, else why not."""
@@ -235,6 +285,33 @@ class FeatureStore:
         except FeatureCacheError as e:
             return str(e)
         return None
+
+
+def _ints(value: Any, name: str, length: int | None = None) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(v, int) for v in value) or \
+            (length is not None and len(value) != length):
+        raise ValueError(f"{name} is {value!r}, not a list of integers")
+    return value
+
+
+def _check_manifest(manifest: Any, path: Path) -> None:
+    """Every field the store reads, with the type it must have: one line naming what is wrong."""
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise FeatureCacheError(f"{str(path)!r} is not a crepa-mem feature-cache manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise FeatureCacheError(f"feature cache {str(path.parent)!r} has format version "
+                                f"{manifest.get('format_version')!r}; this crepa-mem reads {FORMAT_VERSION}: "
+                                f"delete it and build it again")
+    settings, dim = manifest.get("settings"), manifest.get("encoder_dim")
+    if not isinstance(settings, dict):
+        raise FeatureCacheError(f"manifest {str(path)!r} has no settings object; delete the cache and build it again")
+    if manifest.get("settings_sha") != settings_sha(settings):
+        raise FeatureCacheError(f"manifest {str(path)!r} was edited (settings do not match their sha256); "
+                                f"delete the cache and build it again")
+    if type(dim) is not int or dim <= 0 or settings.get("encoder_dim") != dim:
+        raise FeatureCacheError(f"manifest {str(path)!r} has encoder_dim {dim!r} (settings say "
+                                f"{settings.get('encoder_dim')!r}); valid is the same positive integer in both: "
+                                f"delete the cache and build it again")
 
 
 def settings_diff(stored: Mapping[str, Any], wanted: Mapping[str, Any], keys=None) -> list[str]:
