@@ -4,6 +4,7 @@ Legend: B batch, T' DiT frames, P DiT tokens per frame, D width.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Mapping
 
@@ -107,12 +108,12 @@ class CrepaRegularizer:
             result: TeacherFeatures = self._teacher_features(latents, projected.shape[1], dit_grid)
             features, teacher_grid = result.features.to(device).float(), result.grid
             facts = {f"crepa_teacher_{k}": v for k, v in result.stats.items()}
-        if not torch.isfinite(features).all():
-            if not self._warned_nonfinite:
-                warnings.warn("CREPA: teacher features contain NaN/Inf; skipping the CREPA loss for such steps",
-                              RuntimeWarning, stacklevel=2)
-                self._warned_nonfinite = True
-            return None, {"crepa_skipped": True, **facts}
+        # An fp16 overflow step (GradScaler skips it) or a bad teacher input: no loss, and the schedule's
+        # EMA never sees the NaN, so the cutoff still works for the rest of the run.
+        bad = [name for name, t in (("hidden states", projected), ("teacher features", features))
+               if not torch.isfinite(t).all()]
+        if bad:
+            return self._skip(" and ".join(bad), facts)
         if features.shape[0] != projected.shape[0]:
             raise ShapeError(f"teacher features {tuple(features.shape)} and hidden states "
                              f"{tuple(hidden_states.shape)} have different batch sizes")
@@ -127,6 +128,8 @@ class CrepaRegularizer:
                                            normalize_neighbour_sum=cfg.normalize_neighbour_sum)
         objective = per_video_objective(total, cfg.normalize_by_frames)
         score = total.mean().detach().item()
+        if not math.isfinite(score):
+            return self._skip("the alignment score", facts)
         weight, cutoff = self.schedule(step, score)
         loss = -objective.mean() * weight
         logs = {
@@ -140,6 +143,13 @@ class CrepaRegularizer:
             logs["crepa_alignment_score_ema"] = self.schedule.ema
         logs.update(facts)
         return loss, logs
+
+    def _skip(self, what: str, facts: dict) -> tuple[None, dict]:
+        if not self._warned_nonfinite:
+            warnings.warn(f"CREPA: {what} contain NaN/Inf; skipping the CREPA loss for such steps "
+                          f"(logged as crepa_skipped)", RuntimeWarning, stacklevel=3)
+            self._warned_nonfinite = True
+        return None, {"crepa_skipped": True, **facts}
 
     def _teacher_features(self, latents: Tensor, target_frames: int, dit_grid) -> TeacherFeatures:
         cuda = self.device.type == "cuda"
@@ -164,4 +174,10 @@ class CrepaRegularizer:
 
     def load_state_dict(self, state: dict) -> None:
         self.projector.load_state_dict(state["projector"])
-        self.schedule.load_state_dict(state.get("schedule", {}))
+        schedule = dict(state.get("schedule", {}))
+        ema = schedule.get("ema")
+        if ema is not None and not (isinstance(ema, (int, float)) and math.isfinite(ema)):
+            warnings.warn(f"CREPA: the checkpoint's alignment-score EMA is {ema!r}; starting it afresh",
+                          RuntimeWarning, stacklevel=2)
+            schedule["ema"] = None  # a NaN EMA would keep the similarity cutoff from ever firing
+        self.schedule.load_state_dict(schedule)

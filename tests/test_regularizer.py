@@ -148,6 +148,50 @@ def test_nonfinite_teacher_features_skip_the_step_and_warn_once():
         assert reg.compute_loss(torch.randn(1, 2, 1, 4), None, frame_features=bad)[0] is None
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_hidden_states_skip_the_step_and_keep_the_schedule_finite(value):
+    """An fp16 overflow step: no loss (GradScaler skips the step anyway), the EMA and the persistent state
+    stay finite, and the similarity cutoff still fires later."""
+    cfg = CrepaConfig(use_backbone_features=True, similarity_threshold=0.9, similarity_ema_decay=0.5)
+    reg = CrepaRegularizer(cfg, hidden_size=4, device="cpu")
+    with torch.no_grad():  # projector = LayerNorm then identity: the score is the features' own alignment
+        reg.projector[1].weight.copy_(torch.eye(4))
+        reg.projector[1].bias.zero_()
+    good = torch.tensor([1.0, -1.0, 2.0, -2.0]).expand(1, 2, 1, 4).clone()  # zero-mean tokens, equal frames
+    loss, logs = reg.compute_loss(good, None, frame_features=-good, step=0)  # anti-aligned: low score
+    assert logs["crepa_cutoff"] is False
+    ema_before = reg.schedule.ema
+    bad = good.clone()
+    bad[0, 1, 0, 2] = value
+    with pytest.warns(RuntimeWarning, match="hidden states contain NaN/Inf"):
+        loss, logs = reg.compute_loss(bad, None, frame_features=good, step=1)
+    assert loss is None and logs == {"crepa_skipped": True}
+    assert reg.schedule.ema == ema_before and math.isfinite(reg.state_dict()["schedule"]["ema"])
+    for step in range(2, 8):  # aligned now: the EMA climbs past the threshold and cuts CREPA off
+        loss, logs = reg.compute_loss(good, None, frame_features=good, step=step)
+    assert logs["crepa_cutoff"] is True and math.isfinite(logs["crepa_alignment_score_ema"])
+
+
+def test_nonfinite_projector_output_skips_the_step():
+    reg = CrepaRegularizer(CrepaConfig(use_backbone_features=True), hidden_size=4, device="cpu")
+    with torch.no_grad():
+        reg.projector[1].weight[0, 0] = float("inf")  # finite inputs, overflowing projection
+    h = torch.ones(1, 2, 1, 4)
+    with pytest.warns(RuntimeWarning, match="NaN/Inf"):
+        loss, logs = reg.compute_loss(h, None, frame_features=h)
+    assert loss is None and logs["crepa_skipped"] is True and reg.schedule.ema is None
+
+
+def test_a_nan_ema_in_a_checkpoint_is_not_loaded():
+    reg = CrepaRegularizer(CrepaConfig(use_backbone_features=True, similarity_threshold=0.9), hidden_size=4,
+                           device="cpu")
+    state = reg.state_dict()
+    state["schedule"] = {"ema": float("nan"), "latched": False}
+    with pytest.warns(RuntimeWarning, match="EMA is nan"):
+        reg.load_state_dict(state)
+    assert reg.schedule.ema is None
+
+
 def test_shape_mismatch_names_both_shapes():
     reg = CrepaRegularizer(CrepaConfig(encoder_image_size=70), hidden_size=D_DIT, encoder=tiny_dinov2(),
                            vae=tiny_vae("wan"), device="cpu")
