@@ -5,6 +5,7 @@ Legend: B batch, T' DiT frames, P DiT tokens per frame, D width.
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from typing import Any, Mapping
 
@@ -73,6 +74,7 @@ class CrepaRegularizer:
             similarity_threshold=cfg.similarity_threshold, similarity_ema_decay=cfg.similarity_ema_decay,
             threshold_mode=cfg.threshold_mode, max_train_steps=max_train_steps)
         self._warned_nonfinite = False
+        self._schedule_lock = threading.Lock()
 
     # ------------------------------------------------------------------ the loss
     def compute_loss(self, hidden_states: Tensor, latents: Tensor | None, step: int = 0, *,
@@ -130,7 +132,9 @@ class CrepaRegularizer:
         score = total.mean().detach().item()
         if not math.isfinite(score):
             return self._skip("the alignment score", facts)
-        weight, cutoff = self.schedule(step, score)
+        with self._schedule_lock:  # callers in several threads: each score folds into the EMA once
+            weight, cutoff = self.schedule(step, score)
+            ema = self.schedule.ema
         loss = -objective.mean() * weight
         logs = {
             "crepa_loss": loss.detach().item(),
@@ -140,7 +144,7 @@ class CrepaRegularizer:
             "crepa_cutoff": cutoff,
         }
         if cfg.similarity_threshold is not None:
-            logs["crepa_alignment_score_ema"] = self.schedule.ema
+            logs["crepa_alignment_score_ema"] = ema
         logs.update(facts)
         return loss, logs
 

@@ -192,6 +192,19 @@ def test_a_nan_ema_in_a_checkpoint_is_not_loaded():
     assert reg.schedule.ema is None
 
 
+@pytest.mark.parametrize("tier", ["gpu", "swap"])
+def test_one_regularizer_called_from_four_threads_gives_the_serial_losses(tier):
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg = CrepaConfig(encoder_image_size=70, encoder_frames_batch_size=2, vae_tier=tier, encoder_tier=tier)
+    reg = CrepaRegularizer(cfg, hidden_size=D_DIT, encoder=tiny_dinov2(), vae=tiny_vae("wan"), device="cpu")
+    inputs = [_setup(seed=i, batch=1) for i in range(8)]
+    serial = [reg.compute_loss(h, lat)[0].item() for lat, h in inputs]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(lambda x: reg.compute_loss(x[1], x[0])[0].item(), inputs))
+    assert threaded == serial
+
+
 def test_shape_mismatch_names_both_shapes():
     reg = CrepaRegularizer(CrepaConfig(encoder_image_size=70), hidden_size=D_DIT, encoder=tiny_dinov2(),
                            vae=tiny_vae("wan"), device="cpu")

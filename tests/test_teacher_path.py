@@ -149,3 +149,66 @@ def test_a_vae_that_yields_too_few_frames_is_an_error_not_garbage(monkeypatch):
     monkeypatch.setattr(teacher, "iter_decoded_frames", lambda vae, z: iter([next(real(vae, z))]))
     with pytest.raises(ShapeError, match="decoded 1 frames from 3 latent frames; expected 9"):
         _path(tiny_vae("wan"), tiny_dinov2()).features(torch.randn(1, 16, 3, 4, 4), 3)
+
+
+def test_oom_back_off_keeps_the_working_chunk_for_later_steps():
+    """Once 2 frames OOM and 1 works, later steps start at 1: one retry in all, not one per step."""
+    vae, enc = tiny_vae("wan"), tiny_dinov2()
+    lat = torch.randn(1, 16, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+
+    def fail_big(n):
+        if n > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    path = _path(vae, enc, chunk=4, on_chunk=fail_big)
+    retries = [path.features(lat, 4).stats["retries"] for _ in range(3)]
+    assert retries == [2, 0, 0] and path.working_chunk == 1
+
+
+@pytest.mark.parametrize("error", [RuntimeError("CUDA error: out of memory"),
+                                   RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")])
+def test_cuda_and_cublas_allocation_failures_are_ooms(error):
+    vae, enc = tiny_vae("wan"), tiny_dinov2()
+    lat = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    whole = _path(vae, enc).features(lat, 2)
+
+    def fail_big(n):
+        if n > 1:
+            raise error
+
+    got = _path(vae, enc, chunk=2, on_chunk=fail_big).features(lat, 2)
+    torch.testing.assert_close(got.features, whole.features)
+    assert got.stats["retries"] == 1
+
+
+def test_oom_in_the_vae_decode_names_the_phase_and_what_to_try(monkeypatch):
+    vae, enc = tiny_vae("wan"), tiny_dinov2()
+
+    def oom(*args, **kwargs):
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(vae.decoder, "forward", oom)
+    with pytest.raises(TeacherOutOfMemoryError, match="VAE decode.*vae_decode.*VAE tier gpu.*crepa_mem_vae_tiling"):
+        _path(vae, enc).features(torch.randn(1, 16, 2, 4, 4), 2)
+
+
+def test_four_threads_on_one_wan_vae_get_the_serial_results():
+    """The Wan VAE's causal decode cache lives on the module: concurrent callers must not share it mid-call."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    vae, enc = tiny_vae("wan"), tiny_dinov2()
+    path = _path(vae, enc, chunk=2)
+    lats = [torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(i)) for i in range(16)]
+    serial = [path.features(lat, 3).features for lat in lats]
+    barrier = threading.Barrier(4)
+
+    def run(i):
+        if i < 4:
+            barrier.wait()  # the first four start together
+        return path.features(lats[i], 3).features
+
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(run, range(16)))
+    wrong = [i for i, (a, b) in enumerate(zip(serial, threaded)) if not torch.equal(a, b)]
+    assert wrong == []

@@ -16,9 +16,17 @@ Memory effect, in order of size on the reference workload (Wan 14B, 81 frames at
   `torch.cat`). We run the same per-latent-frame loop ourselves, carrying the same cache, and keep only
   the selected frames as they come: identical pixels, while the full clip is never alive at once.
   Other VAEs (LTX, HunyuanVideo) decode in one call (their own tiling/slicing bounds them).
+
+Threads: `TeacherPath.features` holds a lock per VAE and per encoder module for the whole call, so
+callers from several threads (one model per GPU in threads, ThreadPoolExecutor loops) are served one
+at a time with the right result: Wan's causal decode cache lives on the VAE module and a swap tier
+moves the module itself, so neither can be shared mid-call.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -174,8 +182,28 @@ class TeacherFeatures:
     stats: dict = field(default_factory=dict)
 
 
+_OOM_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+
+
 def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError)
+    """torch's OutOfMemoryError, and the RuntimeErrors CUDA/cuBLAS raise for the same thing."""
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and any(m in str(err) for m in _OOM_MESSAGES))
+
+
+_MODULE_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.Lock]" = weakref.WeakKeyDictionary()
+_MODULE_LOCKS_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def _holding(*modules: nn.Module | None) -> Iterator[None]:
+    """The locks of these modules, taken in one global order (no deadlock between two paths)."""
+    with _MODULE_LOCKS_GUARD:
+        locks = {id(m): _MODULE_LOCKS.setdefault(m, threading.Lock()) for m in modules if m is not None}
+    with contextlib.ExitStack() as stack:
+        for _, lock in sorted(locks.items()):
+            stack.enter_context(lock)
+        yield
 
 
 class TeacherPath:
@@ -190,6 +218,7 @@ class TeacherPath:
         self.frames_per_chunk = frames_per_chunk if frames_per_chunk and frames_per_chunk > 0 else None
         self.true_grid = true_grid
         self.on_chunk = on_chunk  # test seam: called before each encoder chunk with its image count
+        self.working_chunk: int | None = None  # the chunk an OOM back-off settled on, kept for later steps
 
     def input_size(self, dit_grid: tuple[int, int] | None) -> tuple[int, int]:
         """Encoder input size: (S, S), or (h'·patch, w'·patch) in true-grid mode."""
@@ -198,12 +227,18 @@ class TeacherPath:
             return dit_grid[0] * p, dit_grid[1] * p
         return self.image_size
 
-    @torch.no_grad()
     def features(self, latents_BCThw: Tensor, target_frames: int,
                  dit_grid: tuple[int, int] | None = None) -> TeacherFeatures:
-        """Tokens of the pixel frames SimpleTuner would keep for `target_frames` DiT frames."""
+        """Tokens of the pixel frames SimpleTuner would keep for `target_frames` DiT frames (one thread
+        at a time per VAE/encoder: see the module notes)."""
         if self.vae is None:
             raise ValueError("the teacher path needs a VAE (or a feature cache) to see pixels")
+        with _holding(self.vae.module, self.encoder.module):
+            return self._features(latents_BCThw, target_frames, dit_grid)
+
+    @torch.no_grad()
+    def _features(self, latents_BCThw: Tensor, target_frames: int,
+                  dit_grid: tuple[int, int] | None) -> TeacherFeatures:
         vae_mod = self.vae.module
         num_pixel = pixel_frames(vae_mod, latents_BCThw.shape[2])
         keep = temporal_indices(num_pixel, target_frames).tolist() if num_pixel > target_frames \
@@ -212,7 +247,8 @@ class TeacherPath:
         size = self.input_size(dit_grid)
         enc_dtype = module_dtype(self.encoder.module)
         batch = latents_BCThw.shape[0]
-        chunk = self.frames_per_chunk or batch * len(keep)
+        chunk = min(self.working_chunk or self.frames_per_chunk or batch * len(keep),
+                    self.frames_per_chunk or batch * len(keep))
         stats = {"chunk_frames": chunk, "retries": 0, "encoder_calls": 0, "frames_encoded": 0}
         out: Tensor | None = None
         pending: list[tuple[int, int, Tensor]] = []  # (batch index, slot, frame (3, H, W))
@@ -235,7 +271,7 @@ class TeacherPath:
                             f"traceback, or `crepa-mem plan` for a configuration that fits") from err
                     chunk = max(1, take // 2)  # retry from this chunk; earlier chunks are kept
                     stats["retries"] += 1
-                    stats["chunk_frames"] = chunk
+                    stats["chunk_frames"] = self.working_chunk = chunk  # later steps start here
                     continue
                 del pending[:take]
                 if out is None:
@@ -251,15 +287,24 @@ class TeacherPath:
         # never need device memory at once: a swap tier holds one of them at a time.
         z = denormalize_latents(latents_BCThw.to(self.vae.exec_device), vae_mod).to(module_dtype(vae_mod))
         start = 0
-        with self.vae.active() as vae:
-            for pixels in iter_decoded_frames(vae, z):
-                for j in range(pixels.shape[2]):
-                    slot = slot_of.get(start + j)
-                    if slot is not None:
-                        for b in range(batch):
-                            pending.append((b, slot, pixels[b, :, j].clone()))
-                start += pixels.shape[2]
-                del pixels
+        try:
+            with self.vae.active() as vae:
+                for pixels in iter_decoded_frames(vae, z):
+                    for j in range(pixels.shape[2]):
+                        slot = slot_of.get(start + j)
+                        if slot is not None:
+                            for b in range(batch):
+                                pending.append((b, slot, pixels[b, :, j].clone()))
+                    start += pixels.shape[2]
+                    del pixels
+        except Exception as err:  # noqa: BLE001 - only OOM gets the phase and what to try
+            if not _is_oom(err):
+                raise
+            raise TeacherOutOfMemoryError(
+                f"out of memory in the VAE decode (phase vae_decode, VAE tier {self.vae.tier}, tiling "
+                f"{'on' if getattr(vae_mod, 'use_tiling', False) else 'off'}, {latents_BCThw.shape[0]} × "
+                f"{latents_BCThw.shape[2]} latent frames); try crepa_mem_vae_tiling, a lower crepa_mem_vae_tier "
+                f"(swap, stream), or a feature cache; `crepa-mem plan` finds one that fits") from err
         del z
         if start != num_pixel:  # slots of frames that never came would stay uninitialised
             raise ShapeError(f"{type(vae_mod).__name__} decoded {start} frames from {latents_BCThw.shape[2]} latent "
