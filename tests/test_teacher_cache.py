@@ -243,3 +243,42 @@ def test_encoder_identity_follows_content_not_location(models, tmp_path):
     assert encoder_identity(str(moved)) == encoder_identity(str(models / "enc"))
     tiny_dinov2(seed=1).save_pretrained(tmp_path / "other")
     assert encoder_identity(str(tmp_path / "other")) != encoder_identity(str(models / "enc"))
+
+
+def test_a_bit_flip_in_an_entry_header_is_reported_and_repaired_by_a_resume(models, tmp_path):
+    """The flip that used to give a KeyError (a metadata key's name) in verify and in the resume."""
+    lats = _latents(2, seed=13)
+    lat_dir = _write_dir(tmp_path / "lat", lats)
+    out = tmp_path / "out"
+    _build(models, lat_dir, out)
+    store = FeatureStore.open(out)
+    victim = store.path_of(next(store.keys()))
+    data = victim.read_bytes()
+    at = data.index(b'"dit_grid"') + 1
+    victim.write_bytes(data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1:])  # "dit_grid" → "eit_grid"
+    assert "corrupt" in store.verify(victim.stem)
+    summary = _build(models, lat_dir, out)
+    assert (summary.repaired, summary.skipped) == (1, 1)
+    assert all(store.verify(k) is None for k in store.keys())
+
+
+def test_non_finite_values_in_a_cached_latent_are_reported_at_build(models, tmp_path):
+    lat = _latents(1)[0]
+    lat[3, 1, 2, 2] = float("nan")
+    lat_dir = _write_dir(tmp_path / "lat", [lat])
+    with pytest.raises(LatentFileError, match=r"000\.pt.*1 NaN/Inf"):
+        _build(models, lat_dir, tmp_path / "out")
+
+
+def test_a_gzip_latent_file_is_read_with_a_size_cap(tmp_path, monkeypatch):
+    import crepa_mem.teacher.cache as cache
+
+    buf = io.BytesIO()
+    torch.save(torch.zeros(16, 3, 64, 64), buf)  # 786 kB of zeros: a few kB gzipped
+    (tmp_path / "bomb.pt").write_bytes(gzip.compress(buf.getvalue()))
+    assert (tmp_path / "bomb.pt").stat().st_size < 10_000
+    monkeypatch.setattr(cache, "MAX_LATENT_FILE_BYTES", 100_000)
+    with pytest.raises(LatentFileError, match="bomb.pt.*more than 100000 bytes once decompressed"):
+        read_latents(tmp_path / "bomb.pt")
+    monkeypatch.setattr(cache, "MAX_LATENT_FILE_BYTES", 1_000_000)
+    assert read_latents(tmp_path / "bomb.pt")[0].shape == (16, 3, 64, 64)

@@ -157,3 +157,88 @@ def test_settings_diff_names_each_difference():
     assert settings_diff({"a": 1, "b": 2}, {"a": 1, "b": 3}) == ["b: cache has 2, wanted 3"]
     assert settings_diff({"a": 1, "b": 2}, {"a": 5, "b": 3}, keys=["b"]) == ["b: cache has 2, wanted 3"]
     assert tensor_checksum(torch.zeros(2)) != tensor_checksum(torch.zeros(3))
+
+
+def test_every_single_bit_flip_in_an_entry_header_is_a_feature_cache_error(tmp_path):
+    """Each flip either leaves a readable, identical entry (a JSON space, say) or is a FeatureCacheError
+    naming the file — never a KeyError/JSONDecodeError that would also crash the repairing resume."""
+    import struct
+
+    store = _store(tmp_path)
+    key, feats = _write(store)
+    path = store.path_of(key)
+    clean = path.read_bytes()
+    header_end = 8 + struct.unpack("<Q", clean[:8])[0]
+    refused = 0
+    for bit in range(header_end * 8):
+        data = bytearray(clean)
+        data[bit // 8] ^= 1 << (bit % 8)
+        path.write_bytes(bytes(data))
+        try:
+            entry = store.read(key)
+        except FeatureCacheError as e:
+            assert str(path) in str(e) and "\n" not in str(e)
+            refused += 1
+        else:
+            assert torch.equal(entry.features, feats) and entry.frame_indices == [0, 4, 8]
+    assert refused > header_end * 8 // 2  # almost every flip is caught (they are not all harmless)
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda m: m.pop("settings"), "no settings object"),
+    (lambda m: m.update(settings=[1, 2]), "no settings object"),
+    (lambda m: m.update(encoder_dim="8"), "encoder_dim '8'"),
+    (lambda m: m.update(encoder_dim=8.5), "encoder_dim 8.5"),
+    (lambda m: m.update(format_version=1), "format version 1"),
+])
+def test_a_damaged_manifest_is_one_line(tmp_path, damage, match):
+    store = _store(tmp_path)
+    manifest = json.loads((store.root / MANIFEST).read_text())
+    damage(manifest)
+    (store.root / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(FeatureCacheError, match=match):
+        FeatureStore.open(store.root)
+
+
+def test_a_deeply_nested_manifest_is_one_line(tmp_path):
+    store = _store(tmp_path)
+    (store.root / MANIFEST).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(FeatureCacheError, match="corrupt"):
+        FeatureStore.open(store.root)
+
+
+def test_two_builds_racing_to_create_a_store_never_share_it(tmp_path, monkeypatch):
+    """Build B checks for a manifest, build A creates the store in between, then B links its own:
+    B is refused (A's settings win) instead of stamping its entries under A's checksum."""
+    root = tmp_path / "store"
+    real_link = os.link
+    other = {**SETTINGS, "encoder_image_size": 518}
+
+    def a_wins_first(src, dst):
+        monkeypatch.setattr(os, "link", real_link)
+        FeatureStore.create(root, SETTINGS, encoder_dim=8)  # build A, just before B's link
+        return real_link(src, dst)
+
+    monkeypatch.setattr(os, "link", a_wins_first)
+    with pytest.raises(FeatureCacheError, match="encoder_image_size: cache has 224, wanted 518"):
+        FeatureStore.create(root, other, encoder_dim=8)
+    assert FeatureStore.open(root).settings["encoder_image_size"] == 224
+    assert [p.name for p in root.iterdir() if p.name.startswith(".tmp-")] == []
+
+
+def test_an_entry_stamped_by_another_build_is_stale_not_intact(tmp_path):
+    store = _store(tmp_path)
+    key, _ = _write(store)
+    stranger = FeatureStore(store.root, {**store.manifest, "settings_sha": "0" * 64})
+    _write(stranger, key)  # a build whose settings are not this manifest's
+    assert "other settings" in store.verify(key)
+
+
+def test_the_folder_is_fsynced_after_each_rename(tmp_path, monkeypatch):
+    from crepa_mem import fileio
+
+    synced = []
+    monkeypatch.setattr(fileio, "fsync_dir", lambda d: synced.append(str(d)))
+    store = _store(tmp_path)
+    key, _ = _write(store)
+    assert str(store.path_of(key).parent) in synced and str(store.root) in synced

@@ -7,7 +7,7 @@ Layout of a store directory:
 `key` is the sha256 of a latent's dtype, shape and bytes (`latent_key`), so an entry can only ever be
 found for the very tensor it was computed from. Every write goes to a temp file in the same folder and
 is moved into place with os.replace, so a killed build leaves either the old state or the whole new
-entry, never half of one; a checksum of the tensor bytes catches corruption and truncation on read.
+entry, never half of one; a checksum of the tensor bytes and metadata catches corruption and truncation on read.
 
 Concurrent builds: the manifest is created atomically (os.link of a finished temp file: the first build
 wins, a later one with other settings is refused, never half-adopted), every entry is stamped with the
@@ -22,6 +22,7 @@ import os
 import re
 import socket
 import struct
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,8 +61,13 @@ def latent_key(latent_CThw: Tensor) -> str:
     return h.hexdigest()
 
 
-def tensor_checksum(t: Tensor) -> str:
-    return hashlib.sha256(tensor_bytes(t)).hexdigest()
+def tensor_checksum(t: Tensor, meta: Mapping[str, str] | None = None) -> str:
+    """sha256 of the tensor bytes and, when given, of every other metadata field (a flipped frame index
+    is as wrong as a flipped feature)."""
+    h = hashlib.sha256(tensor_bytes(t))
+    if meta is not None:
+        h.update(json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True).encode())
+    return h.hexdigest()
 
 
 def settings_sha(settings: Mapping[str, Any]) -> str:
@@ -182,15 +188,19 @@ class FeatureStore:
         if not (root / MANIFEST).exists():
             data = (json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n").encode()
             root.mkdir(parents=True, exist_ok=True)
-            tmp = root / f"{temp_prefix(rank)}manifest.part"
-            fileio.atomic_write(tmp, data, prefix=temp_prefix(rank))
+            fd, tmp = tempfile.mkstemp(dir=root, prefix=temp_prefix(rank), suffix=".part")
             try:
-                os.link(tmp, root / MANIFEST)  # fails if another build created it first
-                fileio.fsync_dir(root)
-            except FileExistsError:
-                pass
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                try:
+                    os.link(tmp, root / MANIFEST)  # fails if another build created it first
+                    fileio.fsync_dir(root)
+                except FileExistsError:
+                    pass
             finally:
-                tmp.unlink(missing_ok=True)
+                Path(tmp).unlink(missing_ok=True)
         store = cls.open(root)
         diff = settings_diff(store.settings, settings)
         if diff:
@@ -231,10 +241,11 @@ class FeatureStore:
         from safetensors.torch import save
 
         feats = features_TND.detach().to("cpu").contiguous()
-        meta = {"checksum": tensor_checksum(feats), "settings_sha": self.settings_sha, "key": key,
+        meta = {"settings_sha": self.settings_sha, "key": key,
                 "frame_indices": json.dumps(list(map(int, frame_indices))), "pixel_frames": str(int(pixel_frames)),
                 "target_frames": str(int(target_frames)), "grid": json.dumps(list(grid)),
                 "dit_grid": json.dumps(list(dit_grid) if dit_grid else None), "source": source}
+        meta["checksum"] = tensor_checksum(feats, meta)
         data = save({"features": feats}, metadata=meta)
         atomic_write(self.path_of(key), data, rank=rank)
         return len(data)
@@ -258,12 +269,12 @@ class FeatureStore:
         except Exception as e:  # noqa: BLE001 - any parse failure means a damaged file
             raise FeatureCacheError(f"feature-cache entry {str(path)!r} is corrupt or truncated "
                                     f"({type(e).__name__}: {str(e)[:120]}); {repair}") from None
-        if meta.get("checksum") != tensor_checksum(feats):
+        if not all(isinstance(v, str) for v in meta.values()) or meta.get("checksum") != tensor_checksum(feats, meta):
             raise FeatureCacheError(f"feature-cache entry {str(path)!r} is corrupt (checksum mismatch); {repair}")
         if meta.get("settings_sha") != self.settings_sha or meta.get("key") != key:
             raise FeatureCacheError(f"feature-cache entry {str(path)!r} was built with other settings than "
                                     f"this cache's manifest (stale); {repair}")
-        try:  # the checksum covers the tensor only: every metadata field is checked for what it must be
+        try:  # checksummed, yet a type check keeps a hand-made entry from raising anything but this
             frames, dit_grid, grid = (json.loads(meta[k]) for k in ("frame_indices", "dit_grid", "grid"))
             entry = Entry(key=key, features=feats, frame_indices=_ints(frames, "frame_indices"),
                           pixel_frames=int(meta["pixel_frames"]), target_frames=int(meta["target_frames"]),
