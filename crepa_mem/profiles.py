@@ -165,12 +165,64 @@ def _tables(dirs: tuple[Path, ...]) -> dict[str, dict[str, dict[str, Any]]]:
             if section not in merged or not isinstance(entries, dict):
                 raise CrepaConfigError(f"table [{section}] in {path}", section, valid=", ".join(SECTIONS))
             for name, values in entries.items():
+                _check_entry(section, name, values, path)
                 entry = merged[section].setdefault(name, {})
                 for a, b in (("memory_gib", "memory_bytes"), ("memory_bytes", "memory_gib")):
                     if a in values:  # the two spellings of a GPU's memory: the later file wins
                         entry.pop(b, None)
                 entry.update(values)  # field-level override
     return merged
+
+
+# Fields that must be > 0 (every other number must be ≥ 0); types come from the profile dataclasses.
+_POSITIVE = {"latent_channels", "temporal_compression", "spatial_compression", "num_blocks", "hidden_size",
+             "patch_size", "memory_bytes", "memory_gib", "num_layers", "num_heads", "intermediate_size",
+             "tile_sample_min", "tile_sample_stride", "default_frames", "default_height", "default_width"}
+_SCHEMA_CLASSES = {"vae": "VaeProfile", "model": "ModelProfile", "gpu": "GpuProfile", "encoder": "EncoderProfile"}
+_EXTRA_FIELDS = {"model": {"vae": "str"}, "gpu": {"memory_gib": "float"},
+                 "family": {"default": "str", "aliases": "tuple[str, ...]"}}
+
+
+def _schema(section: str) -> dict[str, str]:
+    cls = globals().get(_SCHEMA_CLASSES.get(section, ""))
+    types = {f.name: str(f.type) for f in fields(cls)} if cls else {}
+    types.update(_EXTRA_FIELDS.get(section, {}))
+    types.pop("name", None)
+    return types
+
+
+def _check_entry(section: str, name: str, values: Any, path: Path) -> None:
+    """Types and ranges of one TOML entry, checked once when the file is read: one line naming the file,
+    the key, the value and what is valid (never a '24' * GiB string, never a negative card)."""
+    where = f"[{section}.{name}] in {path}"
+    if not isinstance(values, dict):
+        raise CrepaConfigError(where, values, valid="a table of fields")
+    for key, value in values.items():
+        kind = _schema(section).get(key)
+        if kind is None:
+            continue  # unknown keys are ignored, as before
+        ok, valid = _valid_value(key, kind, value)
+        if not ok:
+            raise CrepaConfigError(f"{key} of {where}", value if len(repr(value)) < 80 else f"{repr(value)[:77]}...",
+                                   valid=valid)
+
+
+def _valid_value(key: str, kind: str, value: Any) -> tuple[bool, str]:
+    low = 1 if key in _POSITIVE else 0
+    if kind == "int":
+        return type(value) is int and value >= low, f"an integer ≥ {low}"
+    if kind == "float":
+        ok = type(value) in (int, float) and value == value and value != float("inf") and value >= low
+        return ok and (value > 0 or not low), f"a number {'> 0' if low else '≥ 0'}"
+    if kind == "str":
+        return isinstance(value, str) and bool(value), "a non-empty string"
+    if kind.startswith("tuple[str"):
+        return isinstance(value, list) and all(isinstance(v, str) for v in value), "a list of strings"
+    if kind.startswith("tuple[int"):
+        n = kind.count("int") if "..." not in kind else None
+        ok = isinstance(value, list) and all(type(v) is int and v >= low for v in value)
+        return ok and (n is None or len(value) == n), f"a list of {n or 'some'} integers ≥ {low}"
+    return True, ""
 
 
 def _norm(name: str) -> str:

@@ -161,6 +161,24 @@ def test_bad_user_profiles_are_reported(tmp_path):
         P.get_gpu("rtx4090", tmp_path)
 
 
+@pytest.mark.parametrize("body, match", [
+    ('[gpu.x]\nmemory_gib = "24"\npcie_gen = 4\npcie_width = 16\nbf16_tflops = 1.0\n', "memory_gib.*'24'.*a number > 0"),
+    ("[gpu.x]\nmemory_gib = -1\n", "memory_gib.*-1.*a number > 0"),
+    ("[gpu.x]\nmemory_gib = nan\n", "memory_gib.*nan"),
+    ("[gpu.x]\npcie_gen = 4.5\n", "pcie_gen.*an integer ≥ 0"),
+    ("[gpu.x]\naliases = \"x\"\n", "aliases.*a list of strings"),
+    ("[model.m]\npatch_size = [1, 2]\n", "patch_size.*a list of 3 integers ≥ 1"),
+    ("[model.m]\nnum_blocks = true\n", "num_blocks.*an integer ≥ 1"),
+    ("[encoder.e]\nhidden_size = 0\n", "hidden_size.*an integer ≥ 1"),
+    ("[vae]\nx = 1\n", r"\[vae.x\].*a table of fields"),
+])
+def test_wrong_types_and_ranges_in_profile_files_are_one_line(tmp_path, body, match):
+    (tmp_path / "bad.toml").write_text(body)
+    with pytest.raises(CrepaConfigError, match=match) as err:
+        P.list_gpus(tmp_path)
+    assert str(tmp_path / "bad.toml") in str(err.value) and "\n" not in str(err.value)
+
+
 def test_profiles_import_no_torch():
     import subprocess
     import sys
