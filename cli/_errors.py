@@ -34,5 +34,24 @@ def user_errors(func: F) -> F:
             fail(str(e), getattr(e, "exit_code", EXIT_ERROR))
         except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
             fail(f"{e.strerror}: {e.filename}", EXIT_USAGE)
+        except OSError as e:  # a read-only filesystem, a full disk (or a full stdout: `> /dev/full`)
+            from crepa_mem.fileio import describe_os_error
+
+            if e.filename is None:
+                _silence_stdout()
+            fail(describe_os_error(e, what="" if e.filename else "standard output"), EXIT_ERROR)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _silence_stdout() -> None:
+    """After a failed write to stdout, drop what is still buffered: the exit flush would fail again
+    and print a second, unhelpful error."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass

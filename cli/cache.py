@@ -93,9 +93,10 @@ def _quiet_hub_logs() -> None:
 
 
 def _render_build(report: dict) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=f"feature cache {report['out']}", show_header=False, title_justify="left")
+    t = Table(title=f"feature cache {escape(report['out'])}", show_header=False, title_justify="left")
     rows = [("latent files", report["files"]), ("samples", report["samples"]),
             ("written", report["written"]), ("already present (resumed)", report["skipped"]),
             ("repaired (were corrupt)", report["repaired"]), ("entries in the store", report["entries"]),
@@ -103,7 +104,7 @@ def _render_build(report: dict) -> None:
             ("device", report["device"]), ("encoder width", report["encoder_dim"]),
             ("time", f"{report['seconds']:.1f} s")]
     for k, v in rows:
-        t.add_row(k, str(v))
+        t.add_row(k, escape(str(v)))
     console().print(t)
 
 

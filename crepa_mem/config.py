@@ -137,6 +137,8 @@ class CrepaConfig:
             raise CrepaConfigError("config file", str(p), valid="an existing JSON file") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CrepaConfigError("config file", str(p), valid=f"JSON ({e})") from None
+        except RecursionError:
+            raise CrepaConfigError("config file", str(p), valid="JSON nested less deeply") from None
         if not isinstance(data, dict):
             raise CrepaConfigError("config file", str(p), valid="a JSON object of crepa_* keys")
         return cls.from_dict(data)

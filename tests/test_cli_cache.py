@@ -136,3 +136,70 @@ def test_two_processes_split_the_work(setup, tmp_path):
     sources = {store.read(k).source for k in store.keys()}
     assert sources == {"0.pt", "1.pt", "2.pt", os.path.join("sub", "d.pt")}
     assert store.temp_files() == []
+
+
+def test_an_out_path_with_markup_characters_is_printed_as_is(setup, tmp_path):
+    out = tmp_path / "st[/]ore"
+    res = runner.invoke(app, _args(setup, out))
+    assert res.exit_code == 0, res.output
+    assert "st[/]ore" in res.stdout.replace("\n", "")
+
+
+@pytest.mark.parametrize("code, reason", [(30, "the filesystem is read-only"), (28, "the disk is full")])
+def test_a_read_only_or_full_filesystem_is_one_line_exit_1(setup, tmp_path, monkeypatch, code, reason):
+    from crepa_mem import fileio
+
+    def refuse(path, data, **kw):
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(fileio, "atomic_write", refuse)
+    res = runner.invoke(app, _args(setup, tmp_path / "store"))
+    assert res.exit_code == 1 and f"{reason} (errno {code})" in res.stderr and "store" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("damage", [
+    lambda m: m.pop("settings"),
+    lambda m: m.update(encoder_dim="32"),
+])
+def test_a_damaged_manifest_is_one_line_in_verify_and_build(setup, tmp_path, damage):
+    out = tmp_path / "store"
+    assert runner.invoke(app, _args(setup, out)).exit_code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    damage(manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    for args in (["cache", "verify", "--out", str(out)], _args(setup, out)):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 1 and "manifest" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_a_verify_and_resume_after_a_header_bit_flip(setup, tmp_path):
+    out = tmp_path / "store"
+    assert runner.invoke(app, _args(setup, out)).exit_code == 0
+    store = FeatureStore.open(out)
+    victim = store.path_of(next(store.keys()))
+    data = bytearray(victim.read_bytes())
+    data[data.index(b'"frame_indices"') + 2] ^= 0x20  # a metadata key's name: used to be a KeyError
+    victim.write_bytes(bytes(data))
+    res = runner.invoke(app, ["cache", "verify", "--out", str(out)])
+    assert res.exit_code == 1 and "3/4 entries intact" in res.stdout
+    res = runner.invoke(app, [*_args(setup, out), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["repaired"] == 1
+    assert runner.invoke(app, ["cache", "verify", "--out", str(out)]).exit_code == 0
+
+
+def test_unloadable_weights_in_encoder_or_vae_folders_are_one_line(setup, tmp_path):
+    import shutil
+
+    enc = tmp_path / "enc"
+    shutil.copytree(setup / "enc", enc)
+    (enc / "model.safetensors").unlink()
+    (enc / "pytorch_model.bin").write_bytes(b"PK\x03\x04 not a zip")
+    res = runner.invoke(app, [*_args(setup, tmp_path / "a"), "--encoder", str(enc)])
+    assert res.exit_code == 1 and "cannot be loaded" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    vae = tmp_path / "vae"
+    shutil.copytree(setup / "vae", vae)
+    weights = vae / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    res = runner.invoke(app, [*_args(setup, tmp_path / "b"), "--vae", str(vae)])
+    assert res.exit_code == 2 and "weights cannot be loaded" in res.stderr and len(res.stderr.strip().splitlines()) == 1

@@ -133,3 +133,31 @@ def test_installed_entry_point_reads_stdin():
     assert proc.returncode == 1, proc.stderr
     report = json.loads(proc.stdout)
     assert [(f["code"], f["phase"]) for f in report["findings"]] == [("oom", "projector")]
+
+
+def _entry_point():
+    exe = Path(sys.executable).with_name("crepa-mem")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "crepa_mem.cli.app"]
+
+
+def _close_stdin():
+    import os
+
+    os.close(0)  # `crepa-mem doctor --log - <&-`
+
+
+def test_log_from_a_closed_stdin_is_one_line_exit_2():
+    proc = subprocess.run([*_entry_point(), "doctor", "--log", "-", "--no-machine"], stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, preexec_fn=_close_stdin)
+    assert proc.returncode == 2 and "standard input" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_tier_given_a_list_and_a_deeply_nested_config_are_one_line(tmp_path):
+    listed = tmp_path / "listed.json"
+    listed.write_text(json.dumps({"crepa_enabled": True, "crepa_mem_vae_tier": ["gpu"]}))
+    res = doctor("--config", str(listed), "--no-machine", "--json")
+    assert res.exit_code == 1 and "crepa_mem_vae_tier" in res.stdout  # an invalid_option finding, no crash
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    res = doctor("--config", str(deep), "--no-machine")
+    assert res.exit_code == 2 and "nested" in res.stderr and len(res.stderr.strip().splitlines()) == 1

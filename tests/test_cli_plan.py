@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 import sys
 from types import SimpleNamespace
 
@@ -141,3 +142,22 @@ def test_plan_path_imports_no_torch_diffusers_or_transformers():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "HEAVY=\n" in r.stderr + "\n" and json.loads(r.stdout)["fits"] is True
+
+
+def test_train_gib_nan_is_one_line_exit_2():
+    res = runner.invoke(app, ["plan", "--model", "wan", "--gpu", "24GiB", "--train-gib", "nan"])
+    assert res.exit_code == 2 and "train_gib=nan" in res.stderr
+
+
+def test_json_into_a_full_disk_is_one_line_exit_1():
+    import os
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    exe = Path(sys.executable).with_name("crepa-mem")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "crepa_mem.cli.app"]
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([*cmd, "plan", "--model", "wan", "--gpu", "24GiB", "--json"], stdout=full,
+                              stderr=subprocess.PIPE, text=True)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == \
+        ["crepa-mem: error: cannot write 'standard output': the disk is full (errno 28)"]

@@ -227,7 +227,7 @@ def _encoder_findings(cfg: dict[str, Any], ctx: Context, enabled: bool, backbone
             f"the last {size % enc.patch_size} pixel rows and columns fall outside every patch.",
             f'Set "crepa_encoder_image_size": {" or ".join(map(str, near))}.',
             {"key": "crepa_encoder_image_size", "value": size, "patch_size": enc.patch_size}))
-    tiers = {cfg.get("crepa_mem_encoder_tier"), cfg.get("crepa_mem_vae_tier")}
+    tiers = (cfg.get("crepa_mem_encoder_tier"), cfg.get("crepa_mem_vae_tier"))  # any JSON value, lists too
     if not enabled or "cache" in tiers:
         return out
     if local:

@@ -74,6 +74,8 @@ def read_config(path: str | Path) -> dict[str, Any]:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise CrepaConfigError("--config", str(p), valid=f"JSON ({e})") from None
+    except RecursionError:
+        raise CrepaConfigError("--config", str(p), valid="JSON nested less deeply") from None
     if not isinstance(data, dict):
         raise CrepaConfigError("--config", str(p), valid="a JSON object (a SimpleTuner config.json)")
     return normalise_keys(data)

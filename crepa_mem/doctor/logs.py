@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from crepa_mem.doctor.findings import Context, Finding
+from crepa_mem.errors import CrepaConfigError
 from crepa_mem.doctor.rules import Event, detect_events, has_trigger, is_wrapper_error, oom_complete, oom_numbers, short_frames
 
 MAX_LINE_BYTES = 64 * 1024
@@ -56,6 +57,8 @@ is only counted (a 1 GB log of progress bars is skimmed at memory-copy speed).""
 def _raw_blocks(source: Any) -> Iterator[bytes]:
     """Blocks of whole lines (a line longer than MAX_LINE_BYTES may be cut) from any accepted source."""
     if isinstance(source, (str, Path)) and str(source) == "-":
+        if sys.stdin is None or sys.stdin.closed:  # `doctor --log - <&-`
+            raise CrepaConfigError("--log", "-", valid="a log on standard input, which is closed here")
         yield from _stream_blocks(getattr(sys.stdin, "buffer", sys.stdin))
     elif isinstance(source, (str, Path)):
         path = Path(source)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from crepa_mem.errors import EncoderNotAvailableError
+from crepa_mem.errors import CrepaMemError, EncoderNotAvailableError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -49,7 +49,18 @@ def load_encoder(name: str, *, path: str | os.PathLike | None = None, dtype: str
             f"encoder {name!r} is not available: {where} has no loadable weights. On a machine with "
             f"internet run `huggingface-cli download {hub_id_for(name) if source is None else name}` "
             f"(or copy the folder here and set crepa_mem_encoder_path=DIR)") from err
+    except CrepaMemError:
+        raise
+    except Exception as err:  # noqa: BLE001 - an unsafe or corrupt pickle (UnpicklingError), a bad zip (RuntimeError)
+        raise _unloadable(name, source, err) from err
     return model.eval().requires_grad_(False)
+
+
+def _unloadable(name: str, source: Path | None, err: BaseException) -> EncoderNotAvailableError:
+    detail = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+    return EncoderNotAvailableError(
+        f"encoder {name!r}: the weights in {str(source)!r} cannot be loaded ({type(err).__name__}: {detail}); "
+        f"replace them with a model.safetensors saved by save_pretrained (crepa-mem never runs a pickle's code)")
 
 
 def _hub_cache() -> str:
