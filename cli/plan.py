@@ -48,7 +48,9 @@ def register(app: typer.Typer) -> None:
         if p.gpu.source == "catalog" and p.gpu.note.startswith("no GPU found"):
             typer.echo(f"crepa-mem: {p.gpu.note}", err=True)  # one line, never wrapped
         if write is not None:
-            write.write_text(json.dumps(p.to_config().to_dict(), indent=2) + "\n")
+            from crepa_mem.fileio import atomic_write
+
+            atomic_write(write, json.dumps(p.to_config().to_dict(), indent=2) + "\n")  # never half a config
             typer.echo(f"crepa-mem: wrote {write}" + ("" if p.fits else " (this configuration does not fit)"), err=True)
         if as_json:
             emit_json(p.to_dict())

@@ -161,3 +161,18 @@ def test_json_into_a_full_disk_is_one_line_exit_1():
                               stderr=subprocess.PIPE, text=True)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == \
         ["crepa-mem: error: cannot write 'standard output': the disk is full (errno 28)"]
+
+
+def test_write_is_atomic_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    import os
+
+    out = tmp_path / "crepa.json"
+    out.write_text('{"crepa_enabled": true}\n')
+
+    def killed(src, dst):
+        raise OSError(28, "No space left on device", str(dst))
+
+    monkeypatch.setattr(os, "replace", killed)
+    r = invoke("plan", "--model", "wan-2.1-14b", "--gpu", "8GB", "--write", str(out))
+    assert r.exit_code == 1 and "the disk is full" in r.stderr
+    assert out.read_text() == '{"crepa_enabled": true}\n' and [p.name for p in tmp_path.iterdir()] == ["crepa.json"]

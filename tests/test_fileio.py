@@ -1,0 +1,54 @@
+"""fileio: atomic writes (temp + fsync + rename + folder fsync), capped reads, one-line OS errors."""
+import errno
+import gzip
+import os
+
+import pytest
+
+from crepa_mem import fileio
+
+
+def test_atomic_write_replaces_whole_files_and_syncs_the_folder(tmp_path, monkeypatch):
+    synced = []
+    real = fileio.fsync_dir
+    monkeypatch.setattr(fileio, "fsync_dir", lambda d: (synced.append(str(d)), real(d)))
+    target = tmp_path / "sub" / "x.json"
+    fileio.atomic_write(target, "one")
+    fileio.atomic_write(target, b"two")
+    assert target.read_bytes() == b"two" and synced == [str(target.parent)] * 2
+    assert [p.name for p in target.parent.iterdir()] == ["x.json"]
+
+
+def test_a_write_killed_before_the_rename_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch):
+    target = tmp_path / "x.bin"
+    fileio.atomic_write(target, b"old")
+
+    def killed(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        fileio.atomic_write(target, b"new")
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+
+
+def test_read_capped_stops_a_gzip_bomb_at_the_cap(tmp_path):
+    bomb = tmp_path / "bomb.pt"
+    bomb.write_bytes(gzip.compress(b"\0" * 1_000_000))
+    assert bomb.stat().st_size < 5_000
+    with pytest.raises(fileio.TooLargeError, match="more than 10000 bytes once decompressed"):
+        fileio.read_capped(bomb, 10_000)
+    assert len(fileio.read_capped(bomb, 1_000_000)) == 1_000_000
+    plain = tmp_path / "plain.pt"
+    plain.write_bytes(b"x" * 20)
+    with pytest.raises(fileio.TooLargeError):
+        fileio.read_capped(plain, 19)
+    assert fileio.read_capped(plain, 20) == b"x" * 20
+
+
+@pytest.mark.parametrize("code, words", [(errno.EROFS, "the filesystem is read-only (errno 30)"),
+                                         (errno.ENOSPC, "the disk is full (errno 28)")])
+def test_os_errors_are_one_line_naming_the_file(code, words):
+    assert fileio.describe_os_error(OSError(code, os.strerror(code), "/x/y")) == f"cannot write '/x/y': {words}"
+    assert fileio.describe_os_error(OSError(code, os.strerror(code)), what="standard output") == \
+        f"cannot write 'standard output': {words}"
