@@ -127,3 +127,32 @@ def test_wrap_reads_a_simpletuner_config_file(tmp_path):
     model(**tiny_transformer_inputs("wan", model))
     loss, logs = crepa(_batch(), step=0)
     assert logs["crepa_weight"] == 0.25 and torch.isfinite(loss)
+
+
+def test_wrap_twice_is_refused_and_allowed_again_after_remove():
+    model = _lora_model()
+    first = _wrap(model)
+    with pytest.raises(CrepaMemError, match="wrap\\(\\) was already called.*remove\\(\\)"):
+        _wrap(model)
+    assert model.crepa_projector is first.projector and len(first.capture._handles) > 0  # the first one is intact
+    first.remove()
+    second = _wrap(model)
+    first.remove()  # a stale handle does not take the new projector with it
+    assert model.crepa_projector is second.projector
+
+
+def test_a_forward_under_no_grad_warns_that_only_the_projector_trains():
+    import warnings
+
+    model = _lora_model()
+    crepa = _wrap(model)
+    inputs = tiny_transformer_inputs("wan", model)
+    with torch.no_grad():
+        model(**inputs)
+    with pytest.warns(RuntimeWarning, match="only the CREPA projector will train"):
+        loss, _ = crepa(_batch(), step=0)
+    assert loss.requires_grad  # the projector still gets a gradient
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once; a normal forward says nothing
+        model(**inputs)
+        crepa(_batch(), step=1)

@@ -130,6 +130,8 @@ class Crepa:
     def __init__(self, transformer: nn.Module, regularizer: CrepaRegularizer, capture: BlockCapture):
         self.transformer, self.regularizer, self.capture = transformer, regularizer, capture
         self._registered = regularizer.projector
+        self._warned_no_grad = False
+        self._removed = False
 
     @property
     def projector(self) -> nn.Module:
@@ -147,12 +149,24 @@ class Crepa:
         self.regularizer.projector = projector = self.projector  # follow PEFT/FSDP replacing the module
         _check_not_sharded(projector)
         grid = cap.grid
+        self._warn_if_detached(cap.hidden_states)
         teacher = cap.teacher_states if self.config.backbone_mode else None
         try:
             return self.regularizer.compute_loss(cap.hidden_states, latents, step, frame_features=teacher,
                                                  dit_grid=(grid[1], grid[2]) if grid else None)
         finally:
             cap.clear()  # the autograd graph keeps what backward needs; we drop our reference
+
+    def _warn_if_detached(self, hidden: Tensor | None) -> None:
+        """A forward under torch.no_grad() (or inference_mode) gives states without a graph: the loss
+        still trains the projector, but nothing of it reaches the transformer. Said once."""
+        if self._warned_no_grad or hidden is None or hidden.requires_grad or not torch.is_grad_enabled():
+            return
+        if any(p.requires_grad for p in unwrap(self.transformer).parameters() if p is not None):
+            warnings.warn("CREPA: the transformer's hidden states have no autograd graph (was its forward run under "
+                          "torch.no_grad() or inference_mode?): only the CREPA projector will train from this loss, "
+                          "not the transformer", RuntimeWarning, stacklevel=3)
+            self._warned_no_grad = True
 
     def save_projector(self, directory: str | os.PathLike) -> Path:
         """Writes crepa_projector.safetensors (keys 0.weight 0.bias 1.weight 1.bias) into `directory`."""
@@ -165,7 +179,11 @@ class Crepa:
         load_projector(self.projector, directory_or_file)
 
     def remove(self) -> None:
-        """Detach the hook and the projector from the model (idempotent)."""
+        """Detach the hook and the projector from the model (idempotent: once removed, a later wrap()'s
+        projector is never touched by this handle)."""
+        if self._removed:
+            return
+        self._removed = True
         self.capture.remove()
         base = unwrap(self.transformer)
         registered = getattr(base, "crepa_projector", None)
@@ -189,6 +207,9 @@ def wrap(transformer: nn.Module, *, vae: nn.Module | None = None, encoder: nn.Mo
                       "is not synchronised or sharded by that wrapper. Call wrap() before accelerator.prepare().",
                       RuntimeWarning, stacklevel=2)
     base = unwrap(transformer)
+    if getattr(base, "crepa_projector", None) is not None:  # a second hook and projector would fight over it
+        raise CrepaMemError(f"wrap() was already called on this {type(base).__name__} (it has a crepa_projector): "
+                            f"reuse the Crepa it returned, or call its .remove() before wrapping again")
     device = torch.device(device) if device is not None else training_device(base)
     teacher_block = None
     if cfg.backbone_mode:
