@@ -29,3 +29,28 @@ def test_missing_weights_say_what_to_fetch_without_touching_the_network(tmp_path
         load_encoder("dinov2_vits14")
     assert "huggingface-cli download facebook/dinov2-small" in str(err.value)
     assert "crepa_mem_encoder_path" in str(err.value)
+
+
+class _Payload:
+    """A pickle that would run code if it were unpickled unsafely."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("kind", ["unsafe", "corrupt"])
+def test_an_unsafe_or_corrupt_pytorch_model_bin_is_one_line_and_never_runs(tmp_path, kind):
+    folder = tmp_path / "enc"
+    tiny_dinov2().save_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "ran"
+    if kind == "unsafe":
+        torch.save({"w": _Payload(marker)}, folder / "pytorch_model.bin")
+    else:
+        (folder / "pytorch_model.bin").write_bytes(b"\x80\x02garbage" * 50)
+    with pytest.raises(EncoderNotAvailableError, match="pytorch_model.bin|cannot be loaded|no loadable weights") as err:
+        load_encoder(str(folder))
+    assert "\n" not in str(err.value) and not marker.exists()
