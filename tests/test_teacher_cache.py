@@ -282,3 +282,30 @@ def test_a_gzip_latent_file_is_read_with_a_size_cap(tmp_path, monkeypatch):
         read_latents(tmp_path / "bomb.pt")
     monkeypatch.setattr(cache, "MAX_LATENT_FILE_BYTES", 1_000_000)
     assert read_latents(tmp_path / "bomb.pt")[0].shape == (16, 3, 64, 64)
+
+
+def test_a_build_starting_beside_a_running_one_leaves_its_temps_alone(models, tmp_path, monkeypatch):
+    """Build B (another process) starts while build A is between writing an entry's temp file and
+    renaming it: B's clean-up must not remove A's temp, or A's os.replace fails."""
+    import os
+    import subprocess
+    import sys
+
+    lat_dir = _write_dir(tmp_path / "lat", _latents(2, seed=17))
+    out = tmp_path / "out"
+    real_replace = os.replace
+    started = []
+
+    def second_build_starts(src, dst):
+        if not started and str(src).endswith(".part") and "entries" in str(src):
+            started.append(subprocess.run(
+                [sys.executable, "-c", "import sys; from crepa_mem.teacher.store import FeatureStore; "
+                 "print(FeatureStore.open(sys.argv[1]).remove_stale_temps())", str(out)],
+                capture_output=True, text=True, check=True).stdout.strip())
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", second_build_starts)
+    summary = _build(models, lat_dir, out)
+    assert started == ["0"] and summary.written == 2
+    store = FeatureStore.open(out)
+    assert all(store.verify(k) is None for k in store.keys()) and store.temp_files() == []
