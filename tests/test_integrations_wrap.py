@@ -134,7 +134,7 @@ def test_wrap_twice_is_refused_and_allowed_again_after_remove():
     first = _wrap(model)
     with pytest.raises(CrepaMemError, match="wrap\\(\\) was already called.*remove\\(\\)"):
         _wrap(model)
-    assert model.crepa_projector is first.projector and len(first.capture._handles) > 0  # the first one is intact
+    assert model.crepa_projector is first.projector and len(first.capture._hooks._handles) > 0  # the first one is intact
     first.remove()
     second = _wrap(model)
     first.remove()  # a stale handle does not take the new projector with it
