@@ -82,8 +82,12 @@ _OS_HINTS = {
 }
 
 
-def describe_os_error(err: OSError, action: str = "write", what: str | os.PathLike = "") -> str:
+_WRITE_ERRNOS = (errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
+def describe_os_error(err: OSError, action: str | None = None, what: str | os.PathLike = "") -> str:
     """'cannot write FILE: the disk is full (errno 28)' — one line for a filesystem failure."""
+    action = action or ("write" if err.errno in _WRITE_ERRNOS else "access")
     reason = _OS_HINTS.get(err.errno or -1, err.strerror or type(err).__name__)
     name = err.filename if err.filename is not None else what
     where = f" {str(name)!r}" if name else ""

@@ -52,3 +52,8 @@ def test_os_errors_are_one_line_naming_the_file(code, words):
     assert fileio.describe_os_error(OSError(code, os.strerror(code), "/x/y")) == f"cannot write '/x/y': {words}"
     assert fileio.describe_os_error(OSError(code, os.strerror(code)), what="standard output") == \
         f"cannot write 'standard output': {words}"
+
+
+def test_other_os_errors_name_the_file_without_claiming_a_write():
+    assert fileio.describe_os_error(OSError(errno.EIO, "Input/output error", "/x")) == \
+        "cannot access '/x': Input/output error (errno 5)"
