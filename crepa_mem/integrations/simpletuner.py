@@ -19,6 +19,8 @@ Hidden states come from SimpleTuner's own capture (shaped (B, T', P, D)), so no 
 """
 from __future__ import annotations
 
+import copy
+import logging
 import sys
 from dataclasses import fields
 from typing import Any, Mapping
@@ -27,11 +29,17 @@ import torch
 from torch import Tensor, nn
 
 from crepa_mem.config import CrepaConfig
-from crepa_mem.errors import CrepaMemError
+from crepa_mem.errors import CrepaConfigError, CrepaMemError
+from crepa_mem.integrations.simpletuner_options import SIMPLETUNER_OWN_CHECKS, handover_reason
 
 __all__ = ["CrepaRegularizer", "config_from_simpletuner", "patch_simpletuner"]
 
 _TARGET = "simpletuner.helpers.training.crepa"
+logger = logging.getLogger("crepa_mem.simpletuner")
+_ORIGINAL = "SimpleTunerCrepaRegularizer"  # where patch_simpletuner keeps SimpleTuner's own class, in _TARGET
+# SimpleTuner reads these as `value or default`: a falsy value means the default
+_OR_DEFAULTS = {"crepa_encoder_image_size": 518, "crepa_encoder_frames_batch_size": -1, "crepa_power": 1.0}
+_FEATURE_SOURCE_ALIASES = {"external": "encoder", "internal": "backbone"}
 
 
 def _nullable_keys() -> set[str]:
@@ -46,7 +54,7 @@ def config_from_simpletuner(config: Any) -> CrepaConfig:
     "the default"; keys that may legitimately be None (crepa_block_index, …) keep it, and crepa_lambda None
     is 0 (SimpleTuner: `float(... or 0.0)`).
     """
-    raw = dict(config) if isinstance(config, Mapping) else dict(vars(config))
+    raw = _as_mapping(config)
     nullable = _nullable_keys()
     data: dict[str, Any] = {}
     for key, value in raw.items():
@@ -55,10 +63,48 @@ def config_from_simpletuner(config: Any) -> CrepaConfig:
             continue
         if value is None and name == "crepa_lambda":
             value = 0.0
+        if name in _OR_DEFAULTS and not value:
+            value = _OR_DEFAULTS[name]
+        if name == "crepa_feature_source" and value is not None:
+            value = _FEATURE_SOURCE_ALIASES.get(str(value).strip().lower(), str(value).strip().lower())
         if value is None and name not in nullable:
             continue
         data[name] = value
+    small = data.get("crepa_encoder_image_size")
+    if small is not None and 0 < int(small) < 64:  # SimpleTuner accepts any size; crepa-mem's floor is 64
+        logger.warning("crepa_encoder_image_size=%s is below 64: a DINOv2 with 14-px patches sees at most "
+                       "%d patch(es) per side there", small, max(int(small) // 14, 0))
+        cfg = CrepaConfig.from_dict({**data, "crepa_encoder_image_size": 64})
+        object.__setattr__(cfg, "encoder_image_size", int(small))  # the size SimpleTuner would use
+        return cfg
     return CrepaConfig.from_dict(data)
+
+
+def _as_mapping(config: Any) -> dict:
+    return dict(config) if isinstance(config, Mapping) else dict(vars(config))
+
+
+def _simpletuner_class() -> type | None:
+    """SimpleTuner's own CrepaRegularizer: the one patch_simpletuner replaced, or the one still in place."""
+    module = sys.modules.get(_TARGET)
+    current = getattr(module, _ORIGINAL, None) or getattr(module, "CrepaRegularizer", None)
+    return current if current is not None and current is not CrepaRegularizer else None
+
+
+def _handover(config: Any) -> str | None:
+    """Why this config must run on SimpleTuner's own class (a mode, or a value only it accepts), or None."""
+    raw = _as_mapping(config)
+    if not raw.get("crepa_enabled"):
+        return None
+    reason = handover_reason(raw)
+    if reason is None:
+        try:
+            config_from_simpletuner(config)
+        except CrepaConfigError as err:
+            if err.key in SIMPLETUNER_OWN_CHECKS or not err.key.startswith("crepa_") or err.key.startswith("crepa_mem_"):
+                return None  # refused by SimpleTuner too, or a crepa-mem option: raised by __init__
+            reason = f"{err.key}={err.value!r}"
+    return reason
 
 
 class CrepaRegularizer:
@@ -67,6 +113,20 @@ class CrepaRegularizer:
     Extra keywords (not in SimpleTuner): `plan` (a crepa_mem Plan for this rank's GPU) and `encoder` (an
     already loaded DINOv2, e.g. in tests; otherwise it is loaded by name from the local cache).
     """
+
+    def __new__(cls, config: Any, accelerator: Any, hidden_size: int, *, model_foundation: Any = None,
+                max_train_steps: int | None = None, plan: Any = None, encoder: nn.Module | None = None):
+        reason = _handover(config)
+        if reason is None:
+            return super().__new__(cls)
+        original = _simpletuner_class()
+        if original is None:
+            raise CrepaMemError(f"{reason} is implemented by SimpleTuner's own CREPA class only, and SimpleTuner is "
+                                "not patched here: run it through `python -m crepa_mem.simpletuner`")
+        logger.warning("crepa-mem: %s is not implemented by crepa-mem; SimpleTuner's own CREPA regularizer runs "
+                       "this config (no crepa_mem_* tiers)", reason)
+        return original(config, accelerator, hidden_size, model_foundation=model_foundation,
+                        max_train_steps=max_train_steps or 0)
 
     def __init__(self, config: Any, accelerator: Any, hidden_size: int, *, model_foundation: Any = None,
                  max_train_steps: int | None = None, plan: Any = None, encoder: nn.Module | None = None):
@@ -98,6 +158,8 @@ class CrepaRegularizer:
         self._regularizer = None  # crepa_mem.regularizer.CrepaRegularizer, built by attach_to_model
         self._model: nn.Module | None = None  # the model the projector is registered on
         self._calls = 0
+        self._vae_source: nn.Module | None = None  # SimpleTuner's VAE that the teacher's VAE stands for
+        self.teacher_facts: dict[str, Any] = {}  # the last step's non-numeric teacher facts (tiers, devices)
 
     # ------------------------------------------------------------------ SimpleTuner's public surface
     def attach_to_model(self, model: nn.Module) -> None:
@@ -111,7 +173,9 @@ class CrepaRegularizer:
 
             self._regularizer = Core(self.crepa_config, self.hidden_size, encoder=self.encoder, vae=None,
                                      device=self.device, max_train_steps=self.max_train_steps)
-            self.projector = self._regularizer.projector
+            if self.projector is None:  # SimpleTuner keeps a projector assigned before attach_to_model
+                self.projector = self._regularizer.projector
+            self._regularizer.projector = self.projector
             self.encoder_dim = self._regularizer.encoder_dim
             teacher = self._regularizer.teacher
             self.encoder = getattr(getattr(teacher, "encoder", None), "module", None)
@@ -154,8 +218,25 @@ class CrepaRegularizer:
 
             self.projector = trained_projector(self._model, fallback=self.projector)
         self._regularizer.projector = self.projector
-        return self._regularizer.compute_loss(hidden_states, latents, int(step),
-                                              frame_features=frame_features if self.use_backbone_features else None)
+        loss, logs = self._regularizer.compute_loss(hidden_states, latents, int(step),
+                                                    frame_features=frame_features if self.use_backbone_features else None)
+        return self._as_simpletuner(loss, logs)
+
+    def _as_simpletuner(self, loss: Tensor | None, logs: dict | None) -> tuple[Tensor | None, dict | None]:
+        """SimpleTuner 4.10's outputs: no loss at zero scheduled weight (warm-up step 0, cutoff, threshold),
+        so the projector gets no gradient at all; the similarity EMA logged every step; only numbers
+        in the logs (trackers get them as aux_loss/…)."""
+        if not logs:
+            return loss, logs
+        self.teacher_facts = {k: v for k, v in logs.items() if not isinstance(v, (bool, int, float))}
+        logs = {k: v for k, v in logs.items() if k not in self.teacher_facts}
+        ema = self._regularizer.schedule.ema
+        if ema is not None and "crepa_weight" in logs:
+            logs["crepa_alignment_score_ema"] = ema
+        if logs.get("crepa_weight") == 0:
+            logs.update(crepa_loss=0.0, crepa_weight=0.0, crepa_cutoff=True)
+            return None, logs
+        return loss, logs
 
     # ------------------------------------------------------------------ state (checkpoint/resume)
     def state_dict(self) -> dict:
@@ -180,14 +261,28 @@ class CrepaRegularizer:
             if teacher.vae is not None:
                 return
             raise ValueError("CREPA requires a VAE to decode latents back to pixel space.")
-        if teacher.vae is not None and teacher.vae.module is vae:
+        if teacher.vae is not None and self._vae_source is vae:
             return
-        from crepa_mem.teacher.vae import prepare_vae
         from crepa_mem.teacher.tiers import place
+        from crepa_mem.teacher.vae import prepare_vae
 
         cfg = self.crepa_config
-        teacher.vae = place(prepare_vae(vae, cfg), cfg.vae_tier, compute_device=self.device,
+        # SimpleTuner validates and caches with this same VAE object, where it put it: a tier that moves
+        # weights (or tiling, or dropping the encoder) works on a host copy of its own, never on SimpleTuner's.
+        own = vae if (cfg.vae_tier == "gpu" and not cfg.vae_tiling and not cfg.drop_vae_encoder) else _host_copy(vae)
+        self._vae_source = vae
+        teacher.vae = place(prepare_vae(own, cfg), cfg.vae_tier, compute_device=self.device,
                             teacher_device=cfg.teacher_device)
+
+
+def _host_copy(module: nn.Module) -> nn.Module:
+    """A separate copy of `module` with its tensors on the CPU, made without allocating on its device."""
+    memo: dict[int, Any] = {}
+    for p in module.parameters():
+        memo[id(p)] = nn.Parameter(p.detach().to("cpu", copy=True), requires_grad=False)
+    for b in module.buffers():
+        memo[id(b)] = b.detach().to("cpu", copy=True)
+    return copy.deepcopy(module, memo)
 
 
 def patch_simpletuner() -> list[str]:
@@ -206,7 +301,16 @@ def patch_simpletuner() -> list[str]:
             f"SimpleTuner is not importable here ({err}): install SimpleTuner in the environment that trains, "
             "then run `python -m crepa_mem.integrations.simpletuner <simpletuner/train.py arguments>` (or call "
             "crepa_mem.simpletuner.patch_simpletuner() before SimpleTuner builds its model)") from err
+    try:
+        from crepa_mem.integrations.simpletuner_options import register_with_simpletuner
+
+        register_with_simpletuner()  # before SimpleTuner builds (or re-reads) its argument parser
+    except ImportError as err:
+        logger.warning("crepa-mem: SimpleTuner's config parser is not importable (%s); crepa_mem_* keys in "
+                       "config.json would be refused", err)
     original = getattr(target, "CrepaRegularizer", None)
+    if original is not None and original is not CrepaRegularizer:
+        setattr(target, _ORIGINAL, original)  # the hand-over (modes crepa-mem does not implement) builds it
     patched = []
     for name, module in list(sys.modules.items()):
         if module is None or not (name == "simpletuner" or name.startswith("simpletuner.")):
