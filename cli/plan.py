@@ -48,16 +48,40 @@ def register(app: typer.Typer) -> None:
         if p.gpu.source == "catalog" and p.gpu.note.startswith("no GPU found"):
             typer.echo(f"crepa-mem: {p.gpu.note}", err=True)  # one line, never wrapped
         if write is not None:
-            from crepa_mem.fileio import atomic_write
-
-            atomic_write(write, json.dumps(p.to_config().to_dict(), indent=2) + "\n")  # never half a config
-            typer.echo(f"crepa-mem: wrote {write}" + ("" if p.fits else " (this configuration does not fit)"), err=True)
+            _write(write, p)
         if as_json:
             emit_json(p.to_dict())
         else:
             _print(p)
         if not p.fits:
             raise typer.Exit(EXIT_DOES_NOT_FIT)
+
+
+def _write(path: Path, p) -> None:
+    """A new file gets just the planned keys; an existing config.json gets them merged in, every other key
+    as it was, and one line per change."""
+    from crepa_mem.integrations.simpletuner_options import merge_config, refused_by_simpletuner
+
+    planned = {k: v for k, v in p.settings.items()}
+    existing: dict = {}
+    if path.exists():
+        try:
+            existing = json.loads(path.read_text() or "{}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            fail(f"--write {path}: not a JSON file ({e}); nothing written")
+        if not isinstance(existing, dict):
+            fail(f"--write {path}: not a JSON object of config keys; nothing written")
+    merged, changes = merge_config(existing, planned)
+    from crepa_mem.fileio import atomic_write
+
+    atomic_write(path, json.dumps(merged, indent=2) + "\n")  # never half a config
+    note = "" if p.fits else " (this configuration does not fit)"
+    typer.echo(f"crepa-mem: {'merged into' if existing else 'wrote'} {path}{note}: "
+               + ("; ".join(changes) if changes else "no change"), err=True)
+    needs = [k for k in refused_by_simpletuner(merged) if k in planned]
+    if needs:
+        typer.echo(f"crepa-mem: {', '.join(needs)} need the patched SimpleTuner "
+                   "(python -m crepa_mem.simpletuner …); unpatched SimpleTuner refuses them", err=True)
 
 
 def _print(p) -> None:
