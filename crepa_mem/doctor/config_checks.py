@@ -16,12 +16,7 @@ from typing import Any
 from crepa_mem.config import CrepaConfig, canonical_encoder_name
 from crepa_mem.doctor.findings import SUPPORTED_FAMILIES, Context, Finding
 from crepa_mem.errors import CrepaConfigError, ProfileNotFoundError
-
-CONFIG_ONLY = {
-    "crepa_cumulative_neighbors": "use offsets 1..d instead of exactly d",
-    "crepa_model": "the encoder name, read before crepa_encoder",
-}
-"""Options SimpleTuner reads from config.json but its CLI parser does not register (REFERENCE §1.1)."""
+from crepa_mem.integrations.simpletuner_options import SIMPLETUNER_VERSION, option_specs, refused_by_simpletuner
 
 _FIELDS = {f.metadata["key"]: f for f in fields(CrepaConfig) if f.metadata.get("key")}
 _KNOWN_KEYS = sorted([*_FIELDS, "crepa_model"])
@@ -72,7 +67,7 @@ def _option_findings(cfg: dict[str, Any]) -> list[Finding]:
                 close = get_close_matches(key, _KNOWN_KEYS, n=1, cutoff=0.75)
                 out.append(Finding(
                     "unknown_option", "warning",
-                    f"{key} is not a CREPA option; SimpleTuner and crepa-mem ignore it.",
+                    f"{key} is not a CREPA option; crepa-mem ignores it.",
                     f'Rename it to "{close[0]}".' if close else "Remove it (see REFERENCE §1.1 for the options).",
                     {"key": key, "suggestion": close[0] if close else None}))
     return out
@@ -289,15 +284,6 @@ def check_config(ctx: Context) -> list[Finding]:
     out += _shape_findings(cfg, ctx)
     if has_crepa:
         out += _encoder_findings(cfg, ctx, enabled, backbone)
-    for key, what in CONFIG_ONLY.items():
-        if key in cfg:
-            out.append(Finding(
-                "config_only_option", "info",
-                f"{key} ({what}) works only in config.json: SimpleTuner reads it but its command-line parser does "
-                f"not register it, so --{key} on the command line is rejected.",
-                f"Keep \"{key}\" in config.json"
-                + (" (or use crepa_encoder, which the CLI knows)." if key == "crepa_model" else "."),
-                {"key": key, "value": cfg[key]}))
     if has_crepa and not enabled:
         explicit = "crepa_enabled" in cfg
         out = [Finding(f.code, "warning" if f.severity == "error" else f.severity, f.message, f.fix, f.details)
@@ -307,4 +293,20 @@ def check_config(ctx: Context) -> list[Finding]:
             "CREPA is off: " + ("crepa_enabled is false" if explicit
                                 else "the config sets crepa_* options but not crepa_enabled"),
             'Set "crepa_enabled": true to train with CREPA.', {"explicit": explicit}))
+    if "model_family" in cfg:  # a SimpleTuner config.json: its strict parser stops on a key it does not know
+        out += _refused_findings(cfg)
+    return out
+
+
+def _refused_findings(cfg: dict[str, Any]) -> list[Finding]:
+    patched = {s.key for s in option_specs()}
+    out = []
+    for key in refused_by_simpletuner(cfg):
+        fix = ("Start SimpleTuner through `python -m crepa_mem.simpletuner` (it registers this option with "
+               "SimpleTuner's parser)." if key in patched else f'Remove "{key}" (SimpleTuner knows no such option).')
+        out.append(Finding(
+            "simpletuner_refuses_option", "error",
+            f"SimpleTuner {SIMPLETUNER_VERSION}'s config parser does not know {key}: it stops with "
+            f"\"unrecognized arguments: --{key}=…\" before training.", fix,
+            {"key": key, "value": cfg[key], "registered_by_patch": key in patched}))
     return out
