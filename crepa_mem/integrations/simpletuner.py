@@ -72,8 +72,6 @@ def config_from_simpletuner(config: Any) -> CrepaConfig:
         data[name] = value
     small = data.get("crepa_encoder_image_size")
     if small is not None and 0 < int(small) < 64:  # SimpleTuner accepts any size; crepa-mem's floor is 64
-        logger.warning("crepa_encoder_image_size=%s is below 64: a DINOv2 with 14-px patches sees at most "
-                       "%d patch(es) per side there", small, max(int(small) // 14, 0))
         cfg = CrepaConfig.from_dict({**data, "crepa_encoder_image_size": 64})
         object.__setattr__(cfg, "encoder_image_size", int(small))  # the size SimpleTuner would use
         return cfg
@@ -138,6 +136,9 @@ class CrepaRegularizer:
         cfg = config_from_simpletuner(config)
         self.crepa_config = plan.to_config(cfg) if plan is not None else cfg
         cfg = self.crepa_config
+        if cfg.encoder_image_size < 64:
+            logger.warning("crepa_encoder_image_size=%s is below 64 (accepted, as SimpleTuner does): a DINOv2 with "
+                           "14-px patches sees %d patch(es) per side", cfg.encoder_image_size, cfg.encoder_image_size // 14)
         # the attributes SimpleTuner's model code reads (e.g. `crepa_regularizer.block_index`)
         self.enabled = cfg.enabled
         self.block_index = cfg.block_index
