@@ -206,3 +206,43 @@ def test_follows_a_projector_copy_registered_in_its_place(accelerator):
     loss, _ = reg.compute_loss(hidden, None, frame_features=teacher, step=0)
     loss.backward()
     assert copy[1].weight.grad is not None and reg.projector is copy
+
+
+def test_zero_scheduled_weight_gives_no_loss_and_the_ema_is_logged_every_step(accelerator):
+    """SimpleTuner 4.10: at weight 0 (warm-up step 0 here) no loss at all, so the projector gets no gradient
+    and AdamW does not move it; crepa_alignment_score_ema on every step, threshold or not."""
+    ns = Namespace(crepa_enabled=True, crepa_block_index=0, crepa_use_backbone_features=True,
+                   crepa_teacher_block_index=1, crepa_warmup_steps=2, crepa_lambda=0.5)
+    reg = CrepaRegularizer(ns, accelerator, hidden_size=8)
+    reg.attach_to_model(torch.nn.Module())
+    hidden, teacher = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)
+    loss, logs = reg.compute_loss(hidden, None, frame_features=teacher, step=0)
+    assert loss is None and logs["crepa_cutoff"] is True and logs["crepa_weight"] == 0.0 == logs["crepa_loss"]
+    assert logs["crepa_alignment_score_ema"] == pytest.approx(logs["crepa_alignment_score"])
+    loss, logs = reg.compute_loss(hidden, None, frame_features=teacher, step=1)
+    assert loss is not None and logs["crepa_weight"] == 0.25 and logs["crepa_cutoff"] is False
+    assert "crepa_alignment_score_ema" in logs
+
+
+def test_accepts_what_simpletuner_accepts_with_a_warning(accelerator, encoder_dir, caplog):
+    """A tiny crepa_encoder_image_size (SimpleTuner's own tests use 8) and a projector assigned before
+    attach_to_model, which SimpleTuner keeps."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="crepa_mem.simpletuner"):
+        reg = CrepaRegularizer(_namespace(encoder_dir, crepa_encoder_image_size=8), accelerator, 32)
+    assert reg.encoder_image_size == 8 and "crepa_encoder_image_size=8 is below 64" in caplog.text
+    own = torch.nn.Sequential(torch.nn.LayerNorm(32), torch.nn.Linear(32, 32))
+    reg = CrepaRegularizer(_namespace(encoder_dir), accelerator, 32)
+    reg.projector = own
+    model = tiny_transformer("wan")
+    reg.attach_to_model(model)
+    assert model.crepa_projector is own and reg.projector is own
+
+
+def test_a_mode_only_simpletuner_implements_needs_simpletuners_class(accelerator, encoder_dir, monkeypatch):
+    monkeypatch.delitem(sys.modules, "simpletuner.helpers.training.crepa", raising=False)
+    with pytest.raises(CrepaMemError, match="crepa_use_tae=true is implemented by SimpleTuner's own CREPA class"):
+        CrepaRegularizer(_namespace(encoder_dir, crepa_use_tae=True), accelerator, 32)
+    with pytest.raises(ValueError, match="crepa_adjacent_tau"):  # SimpleTuner refuses it too: no hand-over
+        CrepaRegularizer(_namespace(encoder_dir, crepa_adjacent_tau=0.0), accelerator, 32)
