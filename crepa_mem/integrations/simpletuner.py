@@ -151,6 +151,8 @@ class CrepaRegularizer:
         self.normalize_by_frames, self.spatial_align = cfg.normalize_by_frames, cfg.spatial_align
         self.cumulative_neighbors = cfg.cumulative_neighbors
         mode = getattr(model_foundation, "crepa_mode", None)
+        if mode is None:  # SimpleTuner's default, when its module is there to name it
+            mode = getattr(getattr(sys.modules.get(_TARGET), "CrepaMode", None), "VIDEO", None)
         self.mode = mode
         self._image_mode = getattr(mode, "name", str(mode)).upper().endswith("IMAGE")
         self.encoder = encoder
@@ -170,19 +172,23 @@ class CrepaRegularizer:
         if self.block_index is None:
             raise ValueError("crepa_block_index must be set when CREPA is enabled.")
         if self._regularizer is None:
-            from crepa_mem.regularizer import CrepaRegularizer as Core
-
-            self._regularizer = Core(self.crepa_config, self.hidden_size, encoder=self.encoder, vae=None,
-                                     device=self.device, max_train_steps=self.max_train_steps)
-            if self.projector is None:  # SimpleTuner keeps a projector assigned before attach_to_model
-                self.projector = self._regularizer.projector
-            self._regularizer.projector = self.projector
-            self.encoder_dim = self._regularizer.encoder_dim
-            teacher = self._regularizer.teacher
-            self.encoder = getattr(getattr(teacher, "encoder", None), "module", None)
+            self._build()
             setattr(model, "crepa_projector", self.projector)  # optimizer, prepare and checkpoints see it
             self._model = model
         self.projector.to(device=self.device, dtype=torch.float32)
+
+    def _build(self) -> None:
+        """The teacher (encoder on its tier) and schedule, around the projector (SimpleTuner keeps one
+        assigned before attach_to_model, and computes with one assigned without it)."""
+        from crepa_mem.regularizer import CrepaRegularizer as Core
+
+        self._regularizer = Core(self.crepa_config, self.hidden_size, encoder=self.encoder, vae=None,
+                                 device=self.device, max_train_steps=self.max_train_steps)
+        if self.projector is None:
+            self.projector = self._regularizer.projector
+        self._regularizer.projector = self.projector
+        self.encoder_dim = self._regularizer.encoder_dim
+        self.encoder = getattr(getattr(self._regularizer.teacher, "encoder", None), "module", None)
 
     def wants_hidden_states(self) -> bool:
         return self.enabled
@@ -203,8 +209,10 @@ class CrepaRegularizer:
                 frame_features = frame_features.unsqueeze(1)
         elif latents is None:
             raise ValueError("CREPA requires access to clean latents for decoding.")
-        if self.projector is None or self._regularizer is None:
+        if self.projector is None:
             raise RuntimeError("CREPA projector was not initialised on the diffusion model.")
+        if self._regularizer is None:
+            self._build()
         if self.base_weight == 0:
             return None, None
         if not self.use_backbone_features:
