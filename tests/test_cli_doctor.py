@@ -35,6 +35,7 @@ def test_log_fixture_json(name):
     assert res.exit_code == want["exit"], res.output
     report = json.loads(res.stdout)
     assert _codes(report) == {c: {s} for c, s in want["codes"].items()}
+    assert not set(want.get("not", ())) & set(_codes(report))
     assert report["summary"]["log"]["source"] == str(FIXTURES / name)
     for f in report["findings"]:
         assert set(f) >= {"code", "severity", "message", "fix"} and f["message"] and f["fix"]
@@ -65,6 +66,7 @@ def test_config_fixture(name, primed):
     assert res.exit_code == want["exit"], res.output
     report = json.loads(res.stdout)
     assert _codes(report) == {c: {s} for c, s in want["codes"].items()}
+    assert not set(want.get("not", ())) & set(_codes(report))
     for code, n in want.get("count", {}).items():
         assert sum(f["code"] == code for f in report["findings"]) == n
     human = doctor("--config", str(FIXTURES / name), "--no-machine")

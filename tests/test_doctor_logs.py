@@ -34,6 +34,7 @@ def test_fixture_codes_severities_and_phase(name):
     for f in findings:
         got.setdefault(f.code, set()).add(f.severity)
     assert got == {code: {sev} for code, sev in want["codes"].items()}, name
+    assert not set(want.get("not", ())) & set(got), name  # a wrong diagnosis here would mislead
     ooms = [f for f in findings if f.code == "oom"]
     if "phase" in want:
         assert [f.details["phase"] for f in ooms] == [want["phase"]]
@@ -243,3 +244,61 @@ def test_private_pool_message_gives_three_findings():
             "PyTorch, with 4.00 GiB allocated in private pools (e.g., CUDA Graphs), and 5.00 GiB is reserved by "
             "PyTorch but unallocated.")
     assert {f.code for f in _findings([line])} == {"oom", "fragmentation", "gpu_memory_held_by_other_process"}
+
+
+def test_rocm_fragmentation_names_the_hip_setting():
+    (frag,) = [f for f in _findings(FIXTURES / "oom_rocm_hip_mi300x_wan.log") if f.code == "fragmentation"]
+    assert frag.details["alloc_conf"] == "PYTORCH_HIP_ALLOC_CONF=expandable_segments:True"
+
+
+def test_headerless_frames_are_tied_to_the_error_before_or_after_them():
+    (oom,) = _findings(FIXTURES / "oom_comfyui_report_headerless_wan_vae.log")
+    assert oom.details["frames"][-1] == "conv.py:_conv_forward" and oom.details["count"] == 1
+    msg = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1.00 GiB."
+    frames = ['  File "/x/diffusers/models/autoencoders/autoencoder_kl_wan.py", line 1139, in _decode',
+              "    out_ = self.decoder(x)", "```"]
+    before = [f for f in _findings([msg, "trace:", *frames]) if f.code == "oom"]
+    after = [f for f in _findings([*frames, "and the error was:", msg]) if f.code == "oom"]
+    assert [f.details["phase"] for f in before + after] == ["vae_decode", "vae_decode"]
+    far = [f for f in _findings([msg] + ["step"] * 100 + frames) if f.code == "oom"]
+    assert far[0].details["phase"] == "unknown"  # frames 100 lines later belong to something else
+
+
+def test_cudamallocasync_message_numbers_and_phase():
+    (oom,) = _findings(FIXTURES / "oom_comfyui_ksampler_wan_async.log")
+    d = oom.details
+    assert (d["wording"], d["tried_bytes"], d["total_bytes"], d["free_bytes"]) == (
+        "async", int(1.27 * GiB), int(15.99 * GiB), 0)
+    assert d["where"] == "model.py:forward"
+
+
+def test_pinned_host_oom_is_not_gpu_memory_and_says_so():
+    (f,) = _findings(FIXTURES / "pinned_block_swap_wsl_diffusion_pipe.log")
+    assert f.code == "pinned_memory_limited" and "host memory, not GPU memory" in f.message
+    assert "WSL2" in f.message and "ulimit -l" in f.fix and "pin_memory=False" in f.fix
+    (f,) = _findings(FIXTURES / "pinned_ramtorch_pin_memory.log")
+    assert "WSL2" not in f.message and f.details["frames"][-1] == "linear.py:__init__"
+
+
+def test_device_mismatch_without_offload_in_the_log_is_a_trainer_bug():
+    (f,) = _findings(FIXTURES / "device_mismatch_trainer_bug.log")
+    assert "Update the trainer" in f.fix
+    assert "ramtorch" not in f.fix.lower() and "offload" not in f.fix.lower()
+    (f,) = _findings(FIXTURES / "device_mismatch_ramtorch.log")  # the log shows RamTorch: its advice stays
+    assert "ramtorch_target_modules" in f.fix
+
+
+def test_hub_findings_name_their_fix():
+    (stale,) = _findings(FIXTURES / "hub_stale_cache_dinov2_reg.log")
+    assert "force_reload=True" in stale.fix and "dinov2_vitg14_reg" in stale.message
+    (cut,) = _findings(FIXTURES / "hub_cut_paste_rank_prefix.log")
+    assert cut.details["name"] == "dinov2_vitl14"  # never `{model}` from the quoted source line
+    (typo,) = _findings(FIXTURES / "unknown_encoder_hub_typo.log")
+    assert "dinov2_vitl16" in typo.message and "dinov2_vitl16" not in typo.fix and "dinov2_vitl14_reg" in typo.fix
+    (limit,) = _findings(FIXTURES / "hub_rate_limit_403.log")
+    assert "trust_repo=True" in limit.fix
+
+
+def test_unindented_source_lines_keep_the_traceback():
+    (oom,) = _findings(FIXTURES / "oom_unindented_source_lines_paste.log")
+    assert oom.details["frames"][-2:] == ["autoencoder_kl_wan.py:_decode", "conv.py:_conv_forward"]

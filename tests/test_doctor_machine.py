@@ -80,9 +80,20 @@ def test_driver_not_loaded(monkeypatch):
 
 
 def test_other_nvml_error_is_reported(monkeypatch):
-    monkeypatch.setattr(pynvml, "nvmlInit", _raise(pynvml.NVML_ERROR_UNKNOWN))
+    monkeypatch.setattr(pynvml, "nvmlInit", _raise(pynvml.NVML_ERROR_NO_PERMISSION))
     f = _by_code(check_machine(Context(), probe()))["nvml_unavailable"]
-    assert f.severity == "warning"
+    assert f.severity == "warning" and "Insufficient Permissions" in f.message
+
+
+@pytest.mark.parametrize("error, code, needle", [
+    ("NVML_ERROR_UNKNOWN", "nvml_unknown_error", "create-dev-char-symlinks"),  # a container that lost its GPUs
+    ("NVML_ERROR_LIB_RM_VERSION_MISMATCH", "driver_library_mismatch", "Reboot"),
+])
+def test_nvml_failures_each_have_their_own_finding(monkeypatch, error, code, needle):
+    monkeypatch.setattr(pynvml, "nvmlInit", _raise(getattr(pynvml, error)))
+    found = _by_code(check_machine(Context(), probe()))
+    assert "nvml_unavailable" not in found
+    assert found[code].severity == "error" and needle in found[code].fix
 
 
 def test_pynvml_missing():

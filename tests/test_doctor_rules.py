@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from crepa_mem.doctor.rules import (TRIGGERS, classify_phase, detect_events, has_trigger, is_wrapper_error,
-                                      oom_complete, oom_numbers)
+from crepa_mem.doctor.rules import (TRIGGERS, detect_events, has_trigger, is_wrapper_error, looks_like_exception,
+                                    oom_complete, oom_numbers)
 from crepa_mem.units import GiB, MiB
 
 NEW = ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1.45 GiB. GPU 0 has a total capacity of "
@@ -105,12 +105,25 @@ def test_crepa_mem_teacher_oom_defaults_to_the_encoder():
      {"devices": ["cpu", "cuda:0"]}),
     ("NotImplementedError: Cannot copy out of meta tensor; no data!", "device_mismatch", {"devices": ["meta"]}),
     ("pynvml.NVMLError_LibraryNotFound: NVML Shared Library Not Found", "nvml_unavailable", {}),
-    ("Failed to initialize NVML: Driver/library version mismatch", "driver_not_loaded", {}),
+    ("Failed to initialize NVML: Driver/library version mismatch", "driver_library_mismatch", {}),
+    ("pynvml.NVMLError_LibRmVersionMismatch: RM has detected an NVML/RM version mismatch.",
+     "driver_library_mismatch", {}),
+    ("Failed to initialize NVML: Unknown Error", "nvml_unknown_error", {}),
+    ("nvidia-container-cli: detection error: nvml error: unknown error: unknown.", "nvml_unknown_error", {}),
+    ("NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver. Make sure that the latest NVIDIA "
+     "driver is installed and running.", "nvidia_smi_failed", {}),
+    ("nvidia-container-cli: initialization error: nvml error: driver not loaded: unknown.", "driver_not_loaded", {}),
+    ("nvidia-container-cli: initialization error: load library failed: libnvidia-ml.so.1: cannot open shared object "
+     "file: no such file or directory: unknown.", "nvml_unavailable", {}),
     ("RuntimeError: Found no NVIDIA driver on your system. Please check that you have an NVIDIA GPU and installed "
      "a driver", "driver_not_loaded", {}),
     ("RuntimeError: The NVIDIA driver on your system is too old (found version 11040).", "driver_too_old", {}),
     ("AssertionError: Torch not compiled with CUDA enabled", "torch_without_cuda", {}),
     ("RuntimeError: Cannot find callable dinov2_vitx14 in hubconf", "unknown_encoder", {"name": "dinov2_vitx14"}),
+    ("RuntimeError: Cannot find callable dinov2_vits14_reg in hubconf", "encoder_hub_error",
+     {"kind": "stale_cache", "name": "dinov2_vits14_reg"}),  # a valid name: the hub cache is older than it
+    ("FileNotFoundError: [Errno 2] No such file or directory: '/models/dinov2/hubconf.py'", "encoder_hub_error",
+     {"kind": "missing_hubconf", "path": "/models/dinov2/hubconf.py"}),
     ("crepa_mem.errors.EncoderNotAvailableError: facebook/dinov2-giant is not in the cache and the hub is offline",
      "encoder_weights_missing", {}),
     ("OSError: We couldn't connect to 'https://huggingface.co' to load this file, couldn't find it in the cached "
@@ -141,34 +154,73 @@ def test_plain_lines_and_launcher_errors():
     assert all(word == word.lower() for word in TRIGGERS)
 
 
-def test_phase_rules_on_frames():
-    backward = [("/x/accelerate/accelerator.py", "backward", "loss.backward(**kwargs)"),
-                ("/x/torch/autograd/graph.py", "_engine_run_backward",
-                 "return Variable._execution_engine.run_backward(")]
-    assert classify_phase(backward) == ("transformer", "backward")
-    vae_encode = [("/st/helpers/caching/vae.py", "encode_images", "latents = self.vae.encode(pixels)"),
-                  ("/x/diffusers/models/autoencoders/autoencoder_kl_wan.py", "encode", "out = self.encoder(x)"),
-                  ("/x/torch/nn/modules/conv.py", "_conv_forward", "return F.conv3d(")]
-    assert classify_phase(vae_encode) == ("unknown", "vae_encode")
-    t5 = [("/x/transformers/models/t5/modeling_t5.py", "forward", "encoder_outputs = self.encoder(")]
-    assert classify_phase(t5) == ("unknown", None)  # a text encoder is not CREPA's encoder
-    windows = [("C:\\st\\.venv\\Lib\\site-packages\\diffusers\\models\\transformers\\transformer_wan.py",
-                "forward", "")]
-    assert classify_phase(windows) == ("transformer", "transformer_wan.py:forward")
-    assert classify_phase([("/x/torch/optim/adamw.py", "step", "")]) == ("unknown", None)
-    assert classify_phase([]) == ("unknown", None)
-
-
-@pytest.mark.parametrize("frames, phase", [
-    ([("/st/helpers/training/crepa.py", "_decode_latents", "decoded = vae.decode(latents).sample")], "vae_decode"),
-    ([("/venv/crepa_mem/teacher.py", "iter_decoded_frames", "")], "vae_decode"),
-    ([("/st/helpers/training/crepa.py", "_forward_encoder", "output = self.encoder(images)")], "encoder"),
-    ([("/venv/crepa_mem/teacher.py", "encode_tokens", "out = encoder(pixel_values=images)")], "encoder"),
-    ([("/root/.cache/torch/hub/facebookresearch_dinov2_main/dinov2/layers/block.py", "forward", "")], "encoder"),
-    ([("/st/helpers/training/crepa.py", "_project_hidden_states", "projected = self.projector(flattened)")],
-     "projector"),
-    ([("/venv/crepa_mem/loss.py", "frame_similarity", "")], "projector"),
-    ([("/st/helpers/models/wan/model.py", "model_predict", "model_output = self.model(")], "transformer"),
+@pytest.mark.parametrize("line, wording, numbers", [
+    ("torch.OutOfMemoryError: HIP out of memory. Tried to allocate 8.44 GiB. GPU 0 has a total capacity of 191.98 GiB "
+     "of which 3.12 GiB is free. Of the allocated memory 181.44 GiB is allocated by PyTorch, and 6.71 GiB is reserved "
+     "by PyTorch but unallocated. If reserved but unallocated memory is large try setting "
+     "PYTORCH_HIP_ALLOC_CONF=expandable_segments:True to avoid fragmentation.", "new",
+     {"total_bytes": int(191.98 * GiB), "reserved_unallocated_bytes": int(6.71 * GiB)}),
+    ("torch.AcceleratorError: CUDA error: out of memory", "bare", {}),
+    ("torch.OutOfMemoryError: Allocation on device ", "bare", {}),  # ComfyUI prints no more than this
+    ("torch.OutOfMemoryError: Allocation on device 0 would exceed allowed memory. (out of memory) Currently allocated"
+     "     : 15.16 GiB Requested               : 1.27 GiB Device limit            : 15.99 GiB Free (according to "
+     "CUDA): 0 bytes", "async", {"gpu_index": 0, "allocated_bytes": int(15.16 * GiB), "tried_bytes": int(1.27 * GiB),
+                                 "total_bytes": int(15.99 * GiB), "free_bytes": 0}),
+    ("RuntimeError: CUDA out of memory. Tried to allocate 1.12 MiB (GPU 0; 22.37 GiB total capacity; 15.87 GiB already "
+     "allocated; 3.56 MiB free; 787.74 MiB cached)", "old", {"reserved_unallocated_bytes": int(787.74 * MiB)}),
 ])
-def test_phase_of_single_frames(frames, phase):
-    assert classify_phase(frames)[0] == phase
+def test_rocm_accelerator_async_and_oldest_wordings(line, wording, numbers):
+    (event,) = detect_events(line)
+    assert event.code == "oom" and event.data["wording"] == wording and oom_complete(line)
+    for key, value in numbers.items():
+        assert event.data[key] == value
+
+
+def test_pinned_host_allocations_are_told_apart_from_gpu_memory():
+    pin = (("/venv/torch/utils/data/_utils/pin_memory.py", "pin_memory", "return data.pin_memory(device)"),)
+    (e,) = detect_events("RuntimeError: CUDA error: out of memory", pin, exception_line=True)
+    assert e.data["memory"] == "pinned_host"
+    swap = (("/dp/utils/offloading.py", "prepare_block_devices_before_forward", "weights_to_device(b, torch.device('cpu'))"),
+            ("/dp/utils/offloading.py", "weights_to_device", "module.weight.data = module.weight.data.to(device, non_blocking=True)"))
+    (e,) = detect_events("torch.AcceleratorError: CUDA error: out of memory", swap, exception_line=True)
+    assert e.data["memory"] == "pinned_host"
+    (e,) = detect_events("RuntimeError: cudaHostAlloc failed: pinned memory could not be allocated (out of memory)")
+    assert e.data["memory"] == "pinned_host"
+    # the caching allocator's full message is a device allocation, even inside a non-blocking copy
+    full = ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+            "23.53 GiB of which 1.00 GiB is free. Of the allocated memory 20.00 GiB is allocated by PyTorch, and "
+            "100.00 MiB is reserved by PyTorch but unallocated.")
+    (e,) = detect_events(full, swap, exception_line=True)
+    assert "memory" not in e.data
+    dit = (("/wan/modules/model.py", "forward", "y = self.norm1(x)"),)
+    (e,) = detect_events("torch.AcceleratorError: CUDA error: out of memory", dit, exception_line=True)
+    assert "memory" not in e.data and e.data["phase"] == "transformer"
+
+
+def test_names_never_come_from_quoted_source_lines():
+    assert detect_events('    raise RuntimeError(f"Cannot find callable {model} in hubconf")') == []
+    assert detect_events("raise RuntimeError('Cannot find callable {} in hubconf'.format(model))") == []
+    assert detect_events("- **Exception Type:** torch.OutOfMemoryError") == []  # a type without its message
+
+
+def test_errors_inside_torch_hub_are_not_a_bad_name():
+    hub = (("/st/helpers/training/crepa.py", "_load_encoder", "self.encoder = torch.hub.load(...)"),
+           ("/x/torch/hub.py", "_get_cache_or_reload", ""), ("/usr/lib/python3.11/urllib/request.py", "open", ""))
+    (e,) = detect_events("urllib.error.HTTPError: HTTP Error 403: rate limit exceeded", hub, exception_line=True)
+    assert (e.code, e.data["kind"]) == ("encoder_hub_error", "rate_limit")
+    conf = (("/x/torch/hub.py", "_load_local", ""),
+            ("/root/.cache/torch/hub/facebookresearch_dinov2_main/hubconf.py", "<module>", ""))
+    (e,) = detect_events("ImportError: cannot import name 'Attention' from 'dinov2.layers'", conf, exception_line=True)
+    assert (e.code, e.data["kind"]) == ("encoder_hub_error", "hubconf_failed")
+    assert [e.code for e in detect_events("urllib.error.URLError: <urlopen error [Errno -3] Temporary failure in name "
+                                          "resolution>", hub, exception_line=True)] == ["encoder_weights_missing"]
+
+
+@pytest.mark.parametrize("line, exception", [
+    ("KeyError: 'aspect'", True), ("torch.OutOfMemoryError: CUDA out of memory.", True),
+    ("pynvml.NVMLError_LibraryNotFound: NVML Shared Library Not Found", True), ("RuntimeError", True),
+    ("process = script(arguments)", False), ("return F.conv3d(", False), ("loss = self.model.loss(", False),
+    ("except torch.OutOfMemoryError:", False),
+])
+def test_exception_lines_and_source_lines(line, exception):
+    assert looks_like_exception(line) is exception

@@ -6,6 +6,7 @@ import json
 from typing import Any, Mapping
 
 from crepa_mem.doctor.findings import Context, Finding
+from crepa_mem.doctor.setup_fixes import pinned_finding, setup_finding
 from crepa_mem.errors import CrepaMemError
 from crepa_mem.units import GiB, format_bytes
 
@@ -211,15 +212,16 @@ def _oom(event, ctx: Context) -> list[Finding]:
         unalloc = d["reserved_unallocated_bytes"]
         old = d.get("wording") == "old"
         setting = "max_split_size_mb:512" if old else "expandable_segments:True"
+        env = "PYTORCH_HIP_ALLOC_CONF" if "HIP out of memory" in d.get("exception", "") else "PYTORCH_CUDA_ALLOC_CONF"
         out.append(Finding(
             "fragmentation", "warning",
             f"{_sz(unalloc)} of {gpu_text}'s memory was reserved by PyTorch but unallocated when the "
             f"{_sz(d.get('tried_bytes'))} request failed: the caching allocator's blocks are fragmented.",
-            f"export PYTORCH_CUDA_ALLOC_CONF={setting}" + (" (this wording is PyTorch ≤ 2.0; on ≥ 2.1 use "
-                                                            "expandable_segments:True)" if old else "")
+            f"export {env}={setting}" + (" (this wording is PyTorch ≤ 2.0; on ≥ 2.1 use "
+                                         "expandable_segments:True)" if old else "")
             + " before launching the training.",
             {"phase": phase, "reserved_unallocated_bytes": unalloc, "tried_bytes": d.get("tried_bytes"),
-             "alloc_conf": f"PYTORCH_CUDA_ALLOC_CONF={setting}"}))
+             "alloc_conf": f"{env}={setting}"}))
     # PyTorch lists other processes as "Process N has …" and itself as "this process has …"; inside a
     # container NVML's host pids do not match and the run itself shows up as a "Process N" holding at
     # least what PyTorch allocated.
@@ -244,6 +246,8 @@ def finding_for_event(event, ctx: Context) -> list[Finding]:
     d, code = event.data, event.code
     at = f" (log line {event.line_no}{f', {event.count}×' if event.count > 1 else ''})"
     details = {**d, "line_no": event.line_no, "count": event.count, "frames": event.frames}
+    if code == "oom" and d.get("memory") == "pinned_host":
+        return [pinned_finding(event, at, details)]
     if code == "oom":
         return _oom(event, ctx)
     if code == "block_index_out_of_range":
@@ -283,50 +287,12 @@ def finding_for_event(event, ctx: Context) -> list[Finding]:
                         "Use a model_family with CREPA hooks (wan, ltxvideo, sanavideo, kandinsky5_video); for a "
                         "custom transformer, use crepa_mem.integrations.wrap, which reads the width from the captured block output.",
                         details)]
-    if code == "device_mismatch":
-        devs = " and ".join(d.get("devices") or ["two devices"])
-        cause = ("an offload hook moved weights while the step ran" if d.get("offload_in_traceback") else
-                 "an offload or RamTorch conversion left part of the model on another device")
-        return [Finding(code, "error", f"Tensors on {devs} met in one operation{at}: {cause}.",
-                        "Limit RamTorch to the DiT's blocks (\"ramtorch_target_modules\": \"blocks.*\") so the CREPA "
-                        "projector and the teacher stay where they are; let crepa-mem place the teacher "
-                        "(\"crepa_mem_encoder_tier\": \"swap\" instead of converting DINOv2); do not mix accelerate "
-                        "cpu_offload with group offloading on one module.", details)]
-    simple = {
-        "nvml_unavailable": ("error", "The NVIDIA management library (libnvidia-ml) could not be loaded{at}.",
-                             "Install the NVIDIA driver's utilities (nvidia-smi must run), or in a container run with "
-                             "--gpus all / the NVIDIA container toolkit."),
-        "driver_not_loaded": ("error", "The NVIDIA driver is not loaded or does not match its library{at}.",
-                              "Load the driver (`sudo modprobe nvidia`, or reboot after a driver update: "
-                              "\"Driver/library version mismatch\" clears on reboot); `nvidia-smi` must list the GPU."),
-        "driver_too_old": ("error", "The NVIDIA driver is older than the CUDA runtime torch was built for{at}.",
-                           "Update the driver, or install a torch wheel built for an older CUDA (pip's --index-url "
-                           "https://download.pytorch.org/whl/cu121 …)."),
-        "torch_without_cuda": ("error", "This torch build has no CUDA support{at}.",
-                               "Install a CUDA build of torch (pip install torch --index-url "
-                               "https://download.pytorch.org/whl/cu124, matching your driver)."),
-    }
-    if code in simple:
-        sev, msg, fix = simple[code]
-        return [Finding(code, sev, msg.format(at=at), fix, details)]
     if code == "unsupported_family":
         return [Finding(code, "error", f"crepa-mem cannot hook {d.get('name')}: it is not one of the video "
                         f"families with CREPA support{at}.",
                         "Train wan, ltxvideo, sanavideo or kandinsky5_video, or turn CREPA off for this model.",
                         details)]
-    if code == "unknown_encoder":
-        name = d.get("name") or "?"
-        return [Finding(code, "error", f"The encoder {name!r} is not a known DINOv2 model{at}.",
-                        'Set "crepa_encoder" to one of dinov2_vits14, dinov2_vitb14, dinov2_vitl14, dinov2_vitg14 '
-                        "(or their _reg variants).", details)]
-    if code == "encoder_weights_missing":
-        repo = d.get("repo") or "the DINOv2 repository"
-        return [Finding(code, "error", f"The encoder's weights could not be loaded: {repo} is not cached and the "
-                        f"hub is unreachable{at}.",
-                        "On a machine with internet, fill the cache (`hf download facebook/dinov2-giant`, or run once "
-                        "online), then copy ~/.cache/huggingface (and ~/.cache/torch/hub for SimpleTuner) over; or set "
-                        '"crepa_mem_encoder_path" to a local directory.', details)]
-    return []
+    return setup_finding(code, d, at, details)
 
 
 def log_notes(scan) -> list[Finding]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from crepa_mem.doctor.findings import Context, Finding
+from crepa_mem.doctor.setup_fixes import NVML_TEXTS
 from crepa_mem.units import GiB, format_bytes
 
 MIN_VERSIONS = {
@@ -116,6 +117,14 @@ def _gpu_findings(probe: MachineProbe) -> tuple[list[Finding], int]:
                         "Load the driver (`sudo modprobe nvidia`, or reboot after a driver update) until `nvidia-smi` "
                         "lists the GPU.", {"error": str(e), "hardware": hardware})], 0
     except pynvml.NVMLError as e:
+        # NVML's other failures each have their own cause: a container that lost its GPUs, a driver updated
+        # under a loaded kernel module
+        code = {getattr(pynvml, "NVMLError_Unknown", ()): "nvml_unknown_error",
+                getattr(pynvml, "NVMLError_LibRmVersionMismatch", ()): "driver_library_mismatch"}.get(type(e))
+        if code:
+            msg, fix = NVML_TEXTS[code]
+            return [Finding(code, "error", f"{msg}: NVML said \"{e}\".", fix,
+                            {"error": str(e), "hardware": hardware})], 0
         return [Finding("nvml_unavailable", "error" if hardware else "warning", f"NVML failed to start: {e}.",
                         "Check `nvidia-smi`; \"Driver/library version mismatch\" clears with a reboot.",
                         {"error": str(e), "hardware": hardware})], 0

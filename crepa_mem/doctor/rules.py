@@ -1,13 +1,16 @@
 """What a log line means: the rules that recognise failures in training logs (PyTorch's out-of-memory
-wordings, SimpleTuner's and crepa-mem's CREPA errors, NVML and driver errors, device mismatches) and the
-traceback frames that say in which phase memory ran out. Pure text, no I/O: diagnose_logs streams the
-log and feeds its lines here.
+wordings on CUDA, ROCm and the cudaMallocAsync backend, pinned host allocations, SimpleTuner's and
+crepa-mem's CREPA errors, NVML, driver and container-toolkit errors, torch.hub errors, device
+mismatches). Pure text, no I/O: diagnose_logs streams the log and feeds its lines here; `phases`
+reads the traceback frames.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
+
+from crepa_mem.doctor.phases import classify_phase, pinned_host_copy, short_frames
 
 _SIZE = r"(\d+(?:\.\d+)?) ?(bytes|B|KiB|MiB|GiB|TiB|KB|MB|GB|TB)\b"
 _UNIT = {"bytes": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
@@ -32,8 +35,15 @@ class Event:
     count: int = 1
 
 
-_OOM = re.compile(r"(?:CUDA|HIP|XPU) out of memory|MPS backend out of memory|CUDA error: out of memory"
-                  r"|CUBLAS_STATUS_ALLOC_FAILED|TeacherOutOfMemoryError")
+_OOM = re.compile(r"(?:CUDA|HIP|XPU) out of memory|MPS backend out of memory|(?:CUDA|HIP) error: out of memory"
+                  r"|CUBLAS_STATUS_ALLOC_FAILED|OutOfMemoryError|would exceed allowed memory|Allocation on device\s*$"
+                  r"|CUDA_ERROR_OUT_OF_MEMORY|hipErrorOutOfMemory|cuda runtime error \(2\) : out of memory")
+# a failed *host* allocation (page-locked memory for fast copies), not GPU memory
+_HOST_TEXT = re.compile(r"cudaHostAlloc|cudaMallocHost|hipHostMalloc|pinned memory|pin memory thread|page-locked"
+                        r"|CachingHostAllocator", re.I)
+_HOST_FAIL = re.compile(r"(?:cudaHostAlloc|cudaMallocHost|hipHostMalloc|pinned memory|page-locked)[^\n]{0,120}?"
+                        r"(?:fail|out of memory|unable|could not)|(?:fail|unable|could not)[^\n]{0,60}?"
+                        r"(?:pinned|page-locked) (?:host )?memory", re.I)
 _TRIED = re.compile(r"Tried to allocate " + _SIZE)
 # PyTorch ≥ 2.1 ("capacty" is 2.1's own typo)
 _NEW = re.compile(r"GPU (\d+) has a total capac(?:i)?ty of " + _SIZE + r" of which " + _SIZE + r" is free")
@@ -44,6 +54,12 @@ _OTHER_PROC = re.compile(r"Process (\d+) has " + _SIZE + r" memory in use")
 # PyTorch ≤ 2.0
 _OLD = re.compile(r"\(GPU (\d+); " + _SIZE + r" total capacity; " + _SIZE + r" already allocated; " + _SIZE
                   + r" free;(?: " + _SIZE + r" allowed;)? " + _SIZE + r" reserved in total by PyTorch\)")
+_OLDEST = re.compile(r"\(GPU (\d+); " + _SIZE + r" total capacity; " + _SIZE + r" already allocated; " + _SIZE
+                     + r" free; " + _SIZE + r" cached\)")  # PyTorch <= 1.3
+# the cudaMallocAsync backend (PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync, ComfyUI's default on some setups)
+_ASYNC = {key: re.compile(label + r"\s*:\s*" + _SIZE) for key, label in (
+    ("allocated_bytes", r"Currently allocated"), ("tried_bytes", r"Requested"), ("total_bytes", r"Device limit"),
+    ("free_bytes", r"Free \(according to CUDA\)"))}
 _MPS = re.compile(r"MPS allocated: " + _SIZE + r", other allocations: " + _SIZE + r", max allowed: " + _SIZE)
 
 _RULES: list[tuple[str, re.Pattern, str]] = [  # (code, pattern, kind) checked on every candidate line
@@ -62,14 +78,20 @@ _RULES: list[tuple[str, re.Pattern, str]] = [  # (code, pattern, kind) checked o
                                    r"|Tensor on device meta is not on the expected device"), "devices"),
     ("nvml_unavailable", re.compile(r"NVMLError_LibraryNotFound|NVML Shared Library Not Found"
                                     r"|libnvidia-ml\.so[.\d]*: cannot open"), "plain"),
-    ("driver_not_loaded", re.compile(r"NVMLError_DriverNotLoaded|Driver Not Loaded"
-                                     r"|couldn't communicate with the NVIDIA driver"
-                                     r"|Found no NVIDIA driver on your system"
-                                     r"|Driver/library version mismatch"), "plain"),
+    ("nvml_unknown_error", re.compile(r"Failed to initialize NVML: Unknown Error|NVMLError_Unknown\b"
+                                      r"|nvml error: unknown error", re.I), "plain"),
+    ("driver_library_mismatch", re.compile(r"Driver/library version mismatch|NVMLError_LibRmVersionMismatch"
+                                           r"|NVML/RM version mismatch|Error 803: system has unsupported display "
+                                           r"driver / cuda driver combination", re.I), "plain"),
+    ("nvidia_smi_failed", re.compile(r"NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver",
+                                     re.I), "plain"),
+    ("driver_not_loaded", re.compile(r"NVMLError_DriverNotLoaded|Driver Not Loaded|Found no NVIDIA driver on your "
+                                     r"system", re.I), "plain"),
     ("driver_too_old", re.compile(r"CUDA driver version is insufficient for CUDA runtime version"
                                   r"|NVIDIA driver on your system is too old"), "plain"),
     ("torch_without_cuda", re.compile(r"Torch not compiled with CUDA enabled"), "plain"),
-    ("unknown_encoder", re.compile(r"Cannot find callable (\S+) in hubconf|unknown encoder '([^']+)'"), "name"),
+    # [\w.-]+ never matches a quoted source line's `{model}`: the name comes from the message only
+    ("unknown_encoder", re.compile(r"Cannot find callable ([\w.-]+) in hubconf|unknown encoder '([^']+)'"), "name"),
     ("encoder_weights_missing", re.compile(r"EncoderNotAvailableError"), "plain"),
 ]
 _NETWORK = re.compile(r"couldn't connect to|Cannot reach|LocalEntryNotFoundError|URLError"
@@ -77,7 +99,9 @@ _NETWORK = re.compile(r"couldn't connect to|Cannot reach|LocalEntryNotFoundError
                       r"|Network is unreachable|couldn't find (?:it|them) in the cached files")
 TRIGGERS = ("out of memory", "outofmemory", "alloc_failed", "hidden states", "crepa", "same device", "meta tensor",
             "nvml", "nvidia driver", "nvidia-ml", "driver not loaded", "compiled with cuda", "driver version",
-            "hubconf", "unknown encoder", "encodernotavailable", "dinov2")
+            "hubconf", "unknown encoder", "encodernotavailable", "dinov2", "allocation on device",
+            "exceed allowed memory", "nvidia-smi", "display driver", "pin memory", "pinned", "cudahostalloc", "cudamallochost", "page-locked",
+            "ramtorch", "offload", "swap", "wsl")
 """Lower-case words one of which every line a rule can match contains; lines (and whole blocks)
 without any of them, and outside a traceback, are skipped unparsed."""
 
@@ -96,6 +120,22 @@ _WRAPPER = re.compile(r"ChildFailedError|CalledProcessError|SystemExit|KeyboardI
 def is_wrapper_error(text: str) -> bool:
     """Launchers' own exceptions (torchrun, accelerate launch) that only repeat a child's failure."""
     return bool(_WRAPPER.search(text))
+
+
+_EXCEPTION_LINE = re.compile(r"^\s*(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt|Warning|Failed"
+                             r"|Failure|Fault)\w*(?::|\s*$)")
+
+
+def looks_like_exception(text: str) -> bool:
+    """`KeyError: 'x'`, `torch.OutOfMemoryError: …`, `pynvml.NVMLError_Unknown: …`: the line that ends a
+    traceback, as opposed to a source line that lost its indentation in a paste."""
+    return bool(_EXCEPTION_LINE.match(text))
+
+
+OFFLOAD = re.compile(r"ramtorch|cpu_offload|group_offload|sequential_cpu_offload|offload_device|offloading\.py"
+                     r"|blocks?_to_swap|block[ _-]?swap|swapping \d+ (?:transformer )?blocks|enable_block_swap"
+                     r"|mmgp[/\\]offload", re.I)
+WSL = re.compile(r"\bWSL2?\b|microsoft-standard|/mnt/[a-z]/|/usr/lib/wsl/", re.I)
 
 
 def oom_numbers(text: str) -> dict[str, Any]:
@@ -119,42 +159,114 @@ def oom_numbers(text: str) -> dict[str, Any]:
         reserved = _bytes(g[9], g[10])
         d.update(wording="old", gpu_index=int(g[0]), total_bytes=_bytes(g[1], g[2]), allocated_bytes=_bytes(g[3], g[4]),
                  free_bytes=_bytes(g[5], g[6]), reserved_unallocated_bytes=max(0, reserved - _bytes(g[3], g[4])))
+    elif m := _OLDEST.search(text):
+        g = m.groups()
+        d.update(wording="old", gpu_index=int(g[0]), total_bytes=_bytes(g[1], g[2]), allocated_bytes=_bytes(g[3], g[4]),
+                 free_bytes=_bytes(g[5], g[6]), reserved_unallocated_bytes=_bytes(g[7], g[8]))
     elif m := _MPS.search(text):
         d.update(wording="mps", allocated_bytes=_bytes(m[1], m[2]), total_bytes=_bytes(m[5], m[6]))
+    elif "would exceed allowed memory" in text:
+        d["wording"] = "async"
+        if g := re.search(r"Allocation on device (\d+)", text):
+            d["gpu_index"] = int(g[1])
+        d.update({k: _bytes(m[1], m[2]) for k, rx in _ASYNC.items() if (m := rx.search(text))})
     if "TeacherOutOfMemoryError" in text:
         d["wording"] = "crepa_mem"
     return d
 
 
+def refine_oom(event: Event, frames: tuple) -> None:
+    """Phase, place and kind of memory of an OOM event from (new) frames: a bare `CUDA error: out of
+    memory` raised by pinning or a non-blocking device→host copy is a failed host allocation."""
+    d = event.data
+    if frames:
+        phase, where = classify_phase(frames)
+        if d.get("phase", "unknown") == "unknown" and (phase != "unknown" or where):
+            d.update(phase=phase, where=where)
+        event.frames = short_frames(frames)
+    if _HOST_TEXT.search(d.get("exception", "")) or (d["wording"] in ("bare", "async") and pinned_host_copy(frames)):
+        d["memory"] = "pinned_host"
+
+
+def attach_frames(event: Event, frames: tuple) -> None:
+    """Frames printed apart from their error (no header, or the message first) given to it."""
+    if event.code == "oom":
+        refine_oom(event, frames)
+        return
+    event.frames = short_frames(frames)
+    if event.code == "device_mismatch":
+        event.data["offload_in_traceback"] = _offload_in(frames)
+
+
+def _offload_in(frames: tuple) -> bool:
+    text = " ".join(f"{f} {fn} {src}" for f, fn, src in frames[-12:])
+    return bool(re.search(r"ramtorch|accelerate/hooks|group_offloading|cpu_offload", text) or OFFLOAD.search(text))
+
+
 def _oom_event(text: str, frames: tuple) -> Event:
     d = oom_numbers(text)
-    phase, where = classify_phase(frames)
-    if phase == "unknown" and d["wording"] == "crepa_mem":
-        phase = "encoder"  # raised by the teacher path when one frame per chunk is still too much
-    d.update(phase=phase, where=where, exception=text.strip()[:400])
-    key = ("oom", d.get("gpu_index"), d.get("tried_bytes"), d.get("total_bytes"), d.get("free_bytes"), d["wording"])
-    return Event("oom", d, key=key, frames=short_frames(frames))
+    d.update(phase="unknown", where=None, exception=text.strip()[:400])
+    event = Event("oom", d)
+    refine_oom(event, frames)
+    if d["phase"] == "unknown" and d["wording"] == "crepa_mem":
+        d["phase"] = "encoder"  # raised by the teacher path when one frame per chunk is still too much
+    event.key = ("oom", d.get("gpu_index"), d.get("tried_bytes"), d.get("total_bytes"), d.get("free_bytes"),
+                 d["wording"])
+    return event
 
 
 def oom_complete(text: str) -> bool:
     """Whether an OOM message has all its parts (a pasted message may be wrapped over lines)."""
     return "reserved by PyTorch" in text or "reserved in total by PyTorch" in text or "max allowed" in text \
-        or "CUDA error: out of memory" in text or "ALLOC_FAILED" in text
+        or "error: out of memory" in text or "ALLOC_FAILED" in text or "cached)" in text \
+        or "Free (according to CUDA)" in text or bool(re.search(r"Allocation on device\s*$", text))
+
+
+_DINOV2_HUB_NAME = re.compile(r"dinov2_vit[sblg]14(?:_reg)?(?:_lc|_ld|_dd|_ms)?")
+_HUB_FRAME = re.compile(r"torch[/\\]hub\.py|hubconf\.py")
+
+
+def _hub_events(text: str, in_frames: str, exception_line: bool) -> list[Event]:
+    """torch.hub's own failures: a cache older than the model asked for, a directory without hubconf.py,
+    GitHub's API rate limit; an error raised inside torch/hub.py or a hubconf.py is not a bad name."""
+    d: dict[str, Any] = {"line": text.strip()[:400]}
+    if (m := re.search(r"Cannot find callable ([\w.-]+) in hubconf", text)) and _DINOV2_HUB_NAME.fullmatch(m[1]):
+        d.update(kind="stale_cache", name=m[1])
+    elif re.search(r"hubconf\.py", text) and re.search(r"No such file|FileNotFoundError|not found", text, re.I):
+        d["kind"] = "missing_hubconf"
+        if p := re.search(r"'([^']*hubconf\.py)'", text):
+            d["path"] = p[1]
+    elif exception_line and _HUB_FRAME.search(in_frames) and re.search(r"rate limit exceeded|HTTP Error 40[13]", text):
+        d["kind"] = "rate_limit"
+    elif exception_line and _HUB_FRAME.search(in_frames) and looks_like_exception(text) \
+            and "Cannot find callable" not in text and not _NETWORK.search(text):
+        d["kind"] = "hubconf_failed"
+    else:
+        return []
+    return [Event("encoder_hub_error", d, key=("encoder_hub_error", d["kind"], d.get("name")))]
 
 
 def detect_events(text: str, frames: tuple = (), *, exception_line: bool = False) -> list[Event]:
     """Known failures on one line. `frames` are the traceback's (file, func, source) when the line
     is the exception line that ends a traceback."""
+    if re.match(r"\s*raise\b", text) or re.search(r"Exception Type:\**\s*[\w.]+\s*$", text):
+        return []  # a quoted source line (`raise RuntimeError(f"… {model} …")`), or a type without its message
     in_frames = " ".join(f"{f} {fn} {src}" for f, fn, src in frames[-12:])
+    hub_files = " ".join(f for f, _, _ in frames)
+    hub_frames = exception_line and _HUB_FRAME.search(hub_files)
     network = exception_line and _NETWORK.search(text) and re.search(r"dinov2|hub\.py", in_frames)
-    if not has_trigger(text.lower()) and not network:
+    if not has_trigger(text.lower()) and not network and not hub_frames:
         return []
     out: list[Event] = []
-    if _OOM.search(text):
+    if _OOM.search(text) or _HOST_FAIL.search(text):
         out.append(_oom_event(text, frames))
+    hub = [] if out else _hub_events(text, hub_files, exception_line)
+    for event in hub:
+        event.frames = short_frames(frames)
+    out += hub
     for code, pattern, kind in _RULES:
         m = pattern.search(text)
-        if not m:
+        if not m or (hub and code == "unknown_encoder"):
             continue
         d: dict[str, Any] = {"line": text.strip()[:400]}
         if kind == "index":
@@ -176,8 +288,7 @@ def detect_events(text: str, frames: tuple = (), *, exception_line: bool = False
         elif kind == "devices":
             devices = re.findall(r"\b(cuda:\d+|cuda|cpu|meta|mps)\b", text.split("same device")[-1])
             d["devices"] = sorted(set(devices))[:4]
-            d["offload_in_traceback"] = bool(re.search(r"ramtorch|accelerate/hooks|group_offloading|cpu_offload",
-                                                       in_frames))
+            d["offload_in_traceback"] = _offload_in(frames)
             key = (code, tuple(d["devices"]))
         elif kind == "name":
             d["name"] = next((g for g in m.groups() if g), None)
@@ -195,58 +306,3 @@ def detect_events(text: str, frames: tuple = (), *, exception_line: bool = False
         out.append(Event("encoder_weights_missing", {"line": text.strip()[:400], "repo": repo[1] if repo else None},
                          key=("encoder_weights_missing",), frames=short_frames(frames)))
     return out
-
-
-# ---------------------------------------------------------------------------- phase of an OOM
-
-_VAE_FUNCS = {"_decode_latents", "iter_decoded_frames", "tiled_decode", "_temporal_tiled_decode", "decode", "_decode"}
-_ENC_FUNCS = {"_encode_frames", "_forward_encoder", "_load_encoder", "forward_features", "encode_tokens",
-              "prepare_images"}
-_PROJ_FUNCS = {"_project_hidden_states", "project", "compute_loss", "frame_similarity", "align_tokens",
-               "resample_tokens"}
-_BACKWARD = ("_engine_run_backward", "run_backward")
-
-
-def _frame_phase(file: str, func: str, src: str) -> str | None:
-    f = file.replace("\\", "/").lower()
-    crepa_file = "crepa" in f  # SimpleTuner's helpers/training/crepa.py or the crepa_mem package
-    if "/autoencoders/" in f or "autoencoder_kl" in f:  # before the encoder rules: a VAE has an `encoder` too
-        return "vae_decode"
-    if "projector" in func.lower() or re.search(r"projector\(|_project_hidden_states", src) \
-            or (crepa_file and func in _PROJ_FUNCS):
-        return "projector"
-    if "dinov2" in f or func in _ENC_FUNCS or re.search(r"_encode_frames|_forward_encoder|encode_tokens", src) \
-            or (crepa_file and "self.encoder(" in src):
-        return "encoder"
-    if (func in _VAE_FUNCS and ("vae" in f or crepa_file)) \
-            or re.search(r"vae\.decode\(|_decode_latents|iter_decoded_frames", src):
-        return "vae_decode"
-    if re.search(r"/transformers/transformer_|transformer_(wan|ltx|sana|kandinsky)", f) or func == "model_predict" \
-            or func in _BACKWARD or re.search(r"\.backward\(|self\.transformer\(|self\.model\(", src):
-        return "transformer"
-    return None
-
-
-def classify_phase(frames: Iterable[tuple[str, str, str]]) -> tuple[str, str | None]:
-    """(phase, where): the innermost frame that belongs to a known phase decides. A VAE frame inside
-    an `encode` call (latent caching) is not CREPA's decode: phase unknown, where 'vae_encode'."""
-    frames = list(frames)
-    for file, func, src in reversed(frames):
-        phase = _frame_phase(file, func, src)
-        if phase is None:
-            continue
-        if phase == "vae_decode" and not any("decode" in fn or "decode" in s for _, fn, s in frames):
-            return "unknown", "vae_encode"
-        where = f"{_basename(file)}:{func}"
-        if phase == "transformer" and any(fn in (*_BACKWARD, "backward") for _, fn, _ in frames):
-            where = "backward"
-        return phase, where
-    return "unknown", None
-
-
-def _basename(path: str) -> str:
-    return re.split(r"[/\\]", path)[-1]  # Windows tracebacks too
-
-
-def short_frames(frames: tuple) -> list[str]:
-    return [f"{_basename(f)}:{fn}" for f, fn, _ in frames[-6:]]
