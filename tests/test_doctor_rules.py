@@ -180,8 +180,9 @@ def test_pinned_host_allocations_are_told_apart_from_gpu_memory():
     pin = (("/venv/torch/utils/data/_utils/pin_memory.py", "pin_memory", "return data.pin_memory(device)"),)
     (e,) = detect_events("RuntimeError: CUDA error: out of memory", pin, exception_line=True)
     assert e.data["memory"] == "pinned_host"
-    swap = (("/dp/utils/offloading.py", "prepare_block_devices_before_forward", "weights_to_device(b, torch.device('cpu'))"),
-            ("/dp/utils/offloading.py", "weights_to_device", "module.weight.data = module.weight.data.to(device, non_blocking=True)"))
+    swap = (("/dp/utils/offloading.py", "prepare_block_devices_before_forward",
+             "weights_to_device(b, torch.device('cpu'))"),
+            ("/dp/utils/offloading.py", "weights_to_device", "w.data = w.data.to(device, non_blocking=True)"))
     (e,) = detect_events("torch.AcceleratorError: CUDA error: out of memory", swap, exception_line=True)
     assert e.data["memory"] == "pinned_host"
     (e,) = detect_events("RuntimeError: cudaHostAlloc failed: pinned memory could not be allocated (out of memory)")

@@ -17,8 +17,8 @@ from typing import Any, Iterator
 
 from crepa_mem.doctor.findings import Context, Finding
 from crepa_mem.doctor.phases import short_frames
-from crepa_mem.doctor.rules import (OFFLOAD, WSL, Event, attach_frames, detect_events, has_trigger, is_wrapper_error,
-                                    looks_like_exception, oom_complete, oom_numbers)
+from crepa_mem.doctor.rules import (OFFLOAD, RAISE, WSL, Event, attach_frames, detect_events, has_trigger,
+                                    is_wrapper_error, looks_like_exception, oom_complete, oom_numbers)
 from crepa_mem.errors import CrepaConfigError
 
 MAX_LINE_BYTES = 64 * 1024
@@ -43,6 +43,8 @@ ORPHAN_AFTER = 12
 
 
 def _frame(text: str):
+    if "File" not in text and "│" not in text:
+        return None  # most lines: no regex at all
     for rx in _FRAMES:
         if m := rx.search(text):
             return m
@@ -172,7 +174,7 @@ class _Scanner:
         self._flags(text)
         if self.open_oom and self._continue_oom(text):
             return
-        if _TB_START.search(text) and not re.match(r"\s*raise\b", text):
+        if "Traceback" in text and _TB_START.search(text) and not RAISE.match(text):
             self._start(no, headerless=False)
             return
         if frame := _frame(text):
@@ -228,6 +230,8 @@ class _Scanner:
         self.frames[-1] = (file, func, f"{src} {text.strip()}".strip()[:300])
 
     def _flags(self, text: str) -> None:
+        if self.scan.offload and self.scan.wsl:
+            return
         lowered = text.lower()
         if not self.scan.offload and any(w in lowered for w in ("ramtorch", "offload", "swap")):
             self.scan.offload = bool(OFFLOAD.search(text))

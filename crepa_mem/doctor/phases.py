@@ -43,8 +43,9 @@ _VAE_DIR = re.compile(r"/(?:autoencoders?|vae|taesd)/")
 _FAMILY_DIR = re.compile(r"/(?:wan/modules|wan/models|hyvideo/modules|hunyuan_model|hunyuan_video|ltx_video/models"
                          r"|comfy/ldm/(?!modules/)\w+)/")
 _COND_FILE = re.compile(r"modeling_(?:t5|umt5|mt5|clip|llama|llava\w*|qwen\w*|gemma\w*|siglip\w*|mistral\w*)\.py$"
-                        r"|/wan/modules/(?:t5|clip|tokenizers|xlm_roberta)\.py$|/comfy/text_encoders/|/comfy/sd1_clip\.py$"
-                        r"|/comfy/clip_(?:model|vision)\.py$|/text_encoders?/|text_embeds\.py$|/hunyuan_model/text_encoder")
+                        r"|/wan/modules/(?:t5|clip|tokenizers|xlm_roberta)\.py$|/comfy/text_encoders/"
+                        r"|/comfy/sd1_clip\.py$|/comfy/clip_(?:model|vision)\.py$|/text_encoders?/|text_embeds\.py$"
+                        r"|/hunyuan_model/text_encoder")
 _COND_FUNCS = {"encode_prompt", "_encode_prompt", "encode_prompts", "_encode_prompts", "encode_from_tokens",
                "encode_token_weights", "get_text_embeddings", "encode_image", "encode_clip_vision"}
 

@@ -94,13 +94,25 @@ _RULES: list[tuple[str, re.Pattern, str]] = [  # (code, pattern, kind) checked o
     ("unknown_encoder", re.compile(r"Cannot find callable ([\w.-]+) in hubconf|unknown encoder '([^']+)'"), "name"),
     ("encoder_weights_missing", re.compile(r"EncoderNotAvailableError"), "plain"),
 ]
+_GATES = {  # code → lower-case words one of which a line must hold before that code's patterns run
+    "block_index_out_of_range": ("hidden states",), "unsupported_family": ("hidden states",),
+    "invalid_option": ("must be", "greater than zero", "is invalid"), "hidden_size_unknown": ("hidden size",),
+    "device_mismatch": ("same device", "meta"), "nvml_unavailable": ("nvml", "nvidia-ml"),
+    "nvml_unknown_error": ("nvml",), "driver_library_mismatch": ("mismatch", "error 803"),
+    "nvidia_smi_failed": ("nvidia-smi",), "driver_not_loaded": ("driver",), "driver_too_old": ("driver",),
+    "torch_without_cuda": ("compiled with cuda",), "unknown_encoder": ("hubconf", "unknown encoder"),
+    "encoder_weights_missing": ("encodernotavailable",),
+}
+_OOM_GATE = ("memory", "alloc")
+_HOST_GATE = ("pinned", "page-locked", "hostalloc", "mallochost")
 _NETWORK = re.compile(r"couldn't connect to|Cannot reach|LocalEntryNotFoundError|URLError"
                       r"|Temporary failure in name resolution|Max retries exceeded|offline mode"
                       r"|Network is unreachable|couldn't find (?:it|them) in the cached files")
 TRIGGERS = ("out of memory", "outofmemory", "alloc_failed", "hidden states", "crepa", "same device", "meta tensor",
             "nvml", "nvidia driver", "nvidia-ml", "driver not loaded", "compiled with cuda", "driver version",
             "hubconf", "unknown encoder", "encodernotavailable", "dinov2", "allocation on device",
-            "exceed allowed memory", "nvidia-smi", "display driver", "pin memory", "pinned", "cudahostalloc", "cudamallochost", "page-locked",
+            "exceed allowed memory", "nvidia-smi", "display driver", "pin memory", "pinned", "cudahostalloc",
+            "cudamallochost", "page-locked",
             "ramtorch", "offload", "swap", "wsl")
 """Lower-case words one of which every line a rule can match contains; lines (and whole blocks)
 without any of them, and outside a traceback, are skipped unparsed."""
@@ -246,25 +258,33 @@ def _hub_events(text: str, in_frames: str, exception_line: bool) -> list[Event]:
     return [Event("encoder_hub_error", d, key=("encoder_hub_error", d["kind"], d.get("name")))]
 
 
+RAISE = re.compile(r"\s*raise\b")
+
+
 def detect_events(text: str, frames: tuple = (), *, exception_line: bool = False) -> list[Event]:
     """Known failures on one line. `frames` are the traceback's (file, func, source) when the line
     is the exception line that ends a traceback."""
-    if re.match(r"\s*raise\b", text) or re.search(r"Exception Type:\**\s*[\w.]+\s*$", text):
+    lowered = text.lower()
+    if RAISE.match(text) or ("exception type" in lowered
+                                           and re.search(r"Exception Type:\**\s*[\w.]+\s*$", text)):
         return []  # a quoted source line (`raise RuntimeError(f"… {model} …")`), or a type without its message
-    in_frames = " ".join(f"{f} {fn} {src}" for f, fn, src in frames[-12:])
     hub_files = " ".join(f for f, _, _ in frames)
     hub_frames = exception_line and _HUB_FRAME.search(hub_files)
+    in_frames = " ".join(f"{f} {fn} {src}" for f, fn, src in frames[-12:])
     network = exception_line and _NETWORK.search(text) and re.search(r"dinov2|hub\.py", in_frames)
-    if not has_trigger(text.lower()) and not network and not hub_frames:
+    if not has_trigger(lowered) and not network and not hub_frames:
         return []
     out: list[Event] = []
-    if _OOM.search(text) or _HOST_FAIL.search(text):
+    if (any(w in lowered for w in _OOM_GATE) and _OOM.search(text)) \
+            or (any(w in lowered for w in _HOST_GATE) and _HOST_FAIL.search(text)):
         out.append(_oom_event(text, frames))
-    hub = [] if out else _hub_events(text, hub_files, exception_line)
+    hub = [] if out or not ("hubconf" in lowered or hub_frames) else _hub_events(text, hub_files, exception_line)
     for event in hub:
         event.frames = short_frames(frames)
     out += hub
     for code, pattern, kind in _RULES:
+        if not any(w in lowered for w in _GATES[code]):
+            continue
         m = pattern.search(text)
         if not m or (hub and code == "unknown_encoder"):
             continue
@@ -300,8 +320,8 @@ def detect_events(text: str, frames: tuple = (), *, exception_line: bool = False
         out.append(Event(code, d, key=key, frames=short_frames(frames)))
         if code == "block_index_out_of_range":
             break  # several wordings of the same error on one line: one event
-    if _NETWORK.search(text) and (re.search(r"dinov2", text, re.I)
-                                  or re.search(r"dinov2|hub\.py|_load_encoder", in_frames)):
+    if (exception_line or "dinov2" in lowered) and _NETWORK.search(text) \
+            and ("dinov2" in lowered or re.search(r"dinov2|hub\.py|_load_encoder", in_frames)):
         repo = re.search(r"(facebook/dinov2[\w-]*|facebookresearch/dinov2)", text + " " + in_frames)
         out.append(Event("encoder_weights_missing", {"line": text.strip()[:400], "repo": repo[1] if repo else None},
                          key=("encoder_weights_missing",), frames=short_frames(frames)))
