@@ -302,3 +302,27 @@ def test_hub_findings_name_their_fix():
 def test_unindented_source_lines_keep_the_traceback():
     (oom,) = _findings(FIXTURES / "oom_unindented_source_lines_paste.log")
     assert oom.details["frames"][-2:] == ["autoencoder_kl_wan.py:_decode", "conv.py:_conv_forward"]
+
+
+def test_stray_frames_all_through_a_long_log_keep_memory_flat():
+    """Frames without a header every 500 lines (a logger printing stacks) are held only until the next
+    line that is not theirs: the peak stays a few MiB and the OOM at the end keeps its own traceback."""
+    stray = ['  File "/x/app/worker.py", line 12, in poll\n', "    item = queue.get()\n", "```\n"]
+    oom = (FIXTURES / "oom_vae_decode_wan_rtx4090.log").read_text().splitlines(True)
+
+    def lines():
+        for i in range(20_000):
+            yield PROGRESS
+            if i % 500 == 0:
+                yield from stray
+        yield from oom
+
+    tracemalloc.start()
+    try:
+        scan = scan_log(lines())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    (event,) = scan.events.values()
+    assert event.data["phase"] == "vae_decode" and event.frames[-1] == "conv.py:_conv_forward"
+    assert peak < 12 * MiB
