@@ -19,6 +19,7 @@ ENCODER_DTYPES = ("fp32", "bf16", "fp16")
 SCHEDULERS = ("constant", "linear", "cosine", "polynomial")
 THRESHOLD_MODES = ("permanent", "recoverable")
 FEATURE_SOURCES = ("encoder", "backbone", "self_flow")
+STREAM_ENGINES = ("group_offload", "ramtorch")
 
 # SimpleTuner's encoder aliases (crepa.py); anything else passes through unchanged.
 ENCODER_ALIASES = {
@@ -81,6 +82,12 @@ class CrepaConfig:
     """crepa_mem_encoder_tier: where DINOv2 lives and runs: gpu, swap, stream, device, cache."""
     vae_tier: str = field(default="gpu", metadata=_key("vae_tier", mem=True))
     """crepa_mem_vae_tier: where the VAE lives and runs: gpu, swap, stream, device, cache."""
+    stream_engine: str = field(default="group_offload", metadata=_key("stream_engine", mem=True))
+    """crepa_mem_stream_engine: the encoder's `stream` engine: group_offload (diffusers) or ramtorch."""
+    stream_resident_chunks: int = field(default=0, metadata=_key("stream_resident_chunks", mem=True))
+    """crepa_mem_stream_resident_chunks: RamTorch chunks kept on the device for good (its `pin`), ≥ 0."""
+    stream_nvme_path: str | None = field(default=None, metadata=_key("stream_nvme_path", mem=True))
+    """crepa_mem_stream_nvme_path: RamTorch's NVMe tier: the encoder's masters in this scratch file, not in RAM."""
     teacher_device: str | None = field(default=None, metadata=_key("teacher_device", mem=True))
     """crepa_mem_teacher_device: the other device of the `device` tier ("cpu", "cuda:1"); default cpu."""
     encoder_dtype: str = field(default="fp32", metadata=_key("encoder_dtype", mem=True))
@@ -242,6 +249,10 @@ def _validate(c: CrepaConfig) -> None:
     need(c.threshold_mode in THRESHOLD_MODES, "crepa_threshold_mode", c.threshold_mode, " · ".join(THRESHOLD_MODES))
     need(c.encoder_tier in TIERS, "crepa_mem_encoder_tier", c.encoder_tier, " · ".join(TIERS))
     need(c.vae_tier in TIERS, "crepa_mem_vae_tier", c.vae_tier, " · ".join(TIERS))
+    need(c.stream_engine in STREAM_ENGINES, "crepa_mem_stream_engine", c.stream_engine, " · ".join(STREAM_ENGINES))
+    need(c.stream_resident_chunks >= 0, "crepa_mem_stream_resident_chunks", c.stream_resident_chunks, "an integer ≥ 0")
+    need(c.stream_nvme_path is None or c.stream_engine == "ramtorch", "crepa_mem_stream_nvme_path",
+         c.stream_nvme_path, "null unless crepa_mem_stream_engine is ramtorch (RamTorch's NVMe tier)")
     need(c.encoder_dtype in ENCODER_DTYPES, "crepa_mem_encoder_dtype", c.encoder_dtype, " · ".join(ENCODER_DTYPES))
     need(c.vae_tile_size is None or c.vae_tile_size >= 64, "crepa_mem_vae_tile_size", c.vae_tile_size, "an integer ≥ 64 or null")
     if (c.encoder_tier == "cache") != (c.vae_tier == "cache"):  # cached features replace both components

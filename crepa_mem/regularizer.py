@@ -60,7 +60,9 @@ class CrepaRegularizer:
             encoder.eval().requires_grad_(False)
             dim = encoder_dim(encoder)
             enc_place = place(encoder, cfg.encoder_tier, compute_device=self.device,
-                              teacher_device=cfg.teacher_device, dtype=DTYPES[cfg.encoder_dtype])
+                              teacher_device=cfg.teacher_device, dtype=DTYPES[cfg.encoder_dtype],
+                              stream_engine=cfg.stream_engine, resident_chunks=cfg.stream_resident_chunks,
+                              nvme_path=cfg.stream_nvme_path)
             vae_place = None if vae is None else place(prepare_vae(vae, cfg), cfg.vae_tier, compute_device=self.device,
                                                         teacher_device=cfg.teacher_device)
             self.teacher = TeacherPath(vae=vae_place, encoder=enc_place, image_size=cfg.encoder_image_size,
@@ -171,6 +173,13 @@ class CrepaRegularizer:
         if cuda:
             result.stats["peak_bytes"] = int(torch.cuda.max_memory_allocated(self.device) - before)
         return result
+
+    def close(self) -> None:
+        """Release what the teacher's tiers hold beyond their modules (RamTorch's threads); idempotent."""
+        for part in ("encoder", "vae"):
+            placed = getattr(self.teacher, part, None)
+            if placed is not None and hasattr(placed, "close"):
+                placed.close()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:

@@ -156,6 +156,7 @@ class CrepaHooks:
         if self._crepa is not None:
             self._crepa.remove()
             return
+        self.regularizer.close()  # the teacher's threads (RamTorch's loader), if any
         if self._capture is not None:
             self._capture.remove()
             self._capture = None

@@ -179,12 +179,13 @@ class Crepa:
         load_projector(self.projector, directory_or_file)
 
     def remove(self) -> None:
-        """Detach the hook and the projector from the model (idempotent: once removed, a later wrap()'s
-        projector is never touched by this handle)."""
+        """Detach the hook and the projector from the model and stop the teacher's threads (idempotent: once
+        removed, a later wrap()'s projector is never touched by this handle)."""
         if self._removed:
             return
         self._removed = True
         self.capture.remove()
+        self.regularizer.close()
         base = unwrap(self.transformer)
         registered = getattr(base, "crepa_projector", None)
         if registered is not None and (registered is self._registered or self.projector is not self._registered):

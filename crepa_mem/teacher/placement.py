@@ -72,3 +72,6 @@ class Placement:
     def facts(self) -> dict:
         """For the per-step logs: where this component lives and runs."""
         return {"tier": self.tier, "device": str(self.exec_device)}
+
+    def close(self) -> None:
+        """Release what the tier holds beyond the module (threads, scratch files); most hold nothing."""

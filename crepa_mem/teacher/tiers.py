@@ -8,6 +8,7 @@ inside `with placement.active() as module:` and sends its inputs to `placement.e
 | `gpu`    | compute device                | compute device               | all weights, always          |
 | `swap`   | CPU (pinned when CUDA exists) | copied to the compute device | all weights, in its phase    |
 | `stream` | CPU (pinned when CUDA exists) | one block at a time, prefetch| ~two blocks (tiers_stream)   |
+| `stream` with engine `ramtorch` (encoder only) | CPU (pinned), or an NVMe scratch file | RamTorch chunks through `window` slots | window + 1 + resident chunks (ramtorch_engine) |
 | `device` | another device (CPU, cuda:1)  | there; results copied back   | none                         |
 | `cache`  | nowhere: features are read from a feature cache (crepa_mem.cache), not placed here       |
 
@@ -72,8 +73,12 @@ class SwapPlacement(Placement):
 
 
 def place(module: nn.Module, tier: str, *, compute_device: torch.device | str,
-          teacher_device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Placement:
-    """Put `module` on its tier and return the Placement the teacher path runs through."""
+          teacher_device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+          stream_engine: str = "group_offload", resident_chunks: int = 0, nvme_path: str | None = None) -> Placement:
+    """Put `module` on its tier and return the Placement the teacher path runs through.
+
+    `stream_engine`, `resident_chunks`, `nvme_path`: the `stream` tier's engine for the encoder
+    (crepa_mem_stream_engine, crepa_mem_stream_resident_chunks, crepa_mem_stream_nvme_path)."""
     compute_device = torch.device(compute_device)
     if dtype is not None:
         move_module(module, dtype=dtype)
@@ -82,6 +87,11 @@ def place(module: nn.Module, tier: str, *, compute_device: torch.device | str,
         return Placement(module, tier=tier, exec_device=compute_device)
     if tier == "swap":
         return SwapPlacement(module, exec_device=compute_device)
+    if tier == "stream" and stream_engine == "ramtorch":
+        from crepa_mem.teacher.ramtorch_engine import RamTorchPlacement
+
+        return RamTorchPlacement(module, exec_device=compute_device, resident_chunks=resident_chunks,
+                                 nvme_path=nvme_path)
     if tier == "stream":
         return StreamPlacement(module, exec_device=compute_device)
     if tier == "device":
