@@ -14,7 +14,7 @@ from crepa_mem.cli._errors import EXIT_USAGE, fail, user_errors
 from crepa_mem.cli._output import console, emit_json, human_bytes
 
 from crepa_mem.config import ENCODER_DTYPES as DTYPES
-from crepa_mem.config import TIERS
+from crepa_mem.config import STREAM_ENGINES, TIERS
 
 PLACED = tuple(t for t in TIERS if t != "cache")  # the feature cache is its own flag here
 
@@ -47,6 +47,10 @@ def register(app: typer.Typer) -> None:
         vae_tiling: bool = typer.Option(False, "--vae-tiling/--no-vae-tiling", help="Candidate: spatial VAE tiling."),
         vae_tile_size: Optional[int] = typer.Option(None, "--vae-tile-size", help="Candidate: tile edge in pixels."),
         drop_vae_encoder: bool = typer.Option(False, "--drop-vae-encoder", help="Candidate: decode-only VAE."),
+        stream_engine: str = typer.Option("group_offload", "--stream-engine", help="Candidate: the encoder's "
+                                          "stream engine, group_offload · ramtorch (its window is measured)."),
+        resident_chunks: int = typer.Option(0, "--resident-chunks", help="Candidate, ramtorch: DINOv2 chunks kept "
+                                            "on the GPU (RamTorch's pin)."),
         feature_cache: bool = typer.Option(False, "--feature-cache", help="Candidate: features read from a "
                                            "feature cache (no VAE, no encoder on the GPU)."),
         as_json: bool = typer.Option(False, "--json", help="Print exactly the report dict."),
@@ -58,6 +62,9 @@ def register(app: typer.Typer) -> None:
         _choice("--encoder-tier", encoder_tier, PLACED)
         _choice("--vae-tier", vae_tier, PLACED)
         _choice("--encoder-dtype", encoder_dtype, DTYPES)
+        _choice("--stream-engine", stream_engine, STREAM_ENGINES)
+        if resident_chunks < 0:
+            fail(f"--resident-chunks {resident_chunks} is invalid: valid is an integer ≥ 0", EXIT_USAGE)
         _choice("--vae-dtype", vae_dtype, DTYPES)
         if chunk is not None and chunk < 1:
             fail(f"--chunk {chunk} is invalid: valid is an integer ≥ 1 (omit it for all frames at once)", EXIT_USAGE)
@@ -73,7 +80,8 @@ def register(app: typer.Typer) -> None:
                             encoder=encoder, image_size=image_size, batch=batch, vae_dtype=vae_dtype)
         settings = TeacherSettings(encoder_tier=encoder_tier, vae_tier=vae_tier, chunk=chunk,
                                    encoder_dtype=encoder_dtype, vae_tiling=vae_tiling, vae_tile_size=vae_tile_size,
-                                   drop_vae_encoder=drop_vae_encoder, feature_cache=feature_cache)
+                                   drop_vae_encoder=drop_vae_encoder, feature_cache=feature_cache,
+                                   stream_engine=stream_engine, resident_chunks=resident_chunks)
         with _progress(expected_steps(workload, settings)) as step:
             base = trace_baseline(workload, progress=lambda what: step(f"baseline: {what}"))
             cand = trace_candidate(workload, settings, progress=lambda what: step(f"candidate: {what}"))
@@ -133,4 +141,7 @@ def _print(workload, base, cand, report) -> None:
     out.print(f"candidate: {settings}")
     if cand.prefetch_bytes:
         out.print(f"stream tier: includes {human_bytes(cand.prefetch_bytes)} for the block a CUDA side stream prefetches")
+    if report["candidate"]["settings"].get("stream_engine") == "ramtorch" and cand.prefetch_bytes == 0:
+        out.print("stream tier (ramtorch): RamTorch's loader ran on the traced thread, so its window and resident "
+                  "chunks are in the measured peak")
     out.print(f"[bold]ratio[/] {report['ratio']:.2f}× (baseline peak / candidate peak)")

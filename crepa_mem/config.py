@@ -88,6 +88,8 @@ class CrepaConfig:
     """crepa_mem_stream_resident_chunks: RamTorch chunks kept on the device for good (its `pin`), ≥ 0."""
     stream_nvme_path: str | None = field(default=None, metadata=_key("stream_nvme_path", mem=True))
     """crepa_mem_stream_nvme_path: RamTorch's NVMe tier: the encoder's masters in this scratch file, not in RAM."""
+    host_share_path: str | None = field(default=None, metadata=_key("host_share_path", mem=True))
+    """crepa_mem_host_share_path: a safetensors file every local rank maps read-only: one host copy of a `swap` encoder."""
     teacher_device: str | None = field(default=None, metadata=_key("teacher_device", mem=True))
     """crepa_mem_teacher_device: the other device of the `device` tier ("cpu", "cuda:1"); default cpu."""
     encoder_dtype: str = field(default="fp32", metadata=_key("encoder_dtype", mem=True))
@@ -253,6 +255,8 @@ def _validate(c: CrepaConfig) -> None:
     need(c.stream_resident_chunks >= 0, "crepa_mem_stream_resident_chunks", c.stream_resident_chunks, "an integer ≥ 0")
     need(c.stream_nvme_path is None or c.stream_engine == "ramtorch", "crepa_mem_stream_nvme_path",
          c.stream_nvme_path, "null unless crepa_mem_stream_engine is ramtorch (RamTorch's NVMe tier)")
+    need(c.host_share_path is None or c.encoder_tier == "swap", "crepa_mem_host_share_path", c.host_share_path,
+         "null unless crepa_mem_encoder_tier is swap (the shared copy is pageable; stream engines pin their own)")
     need(c.encoder_dtype in ENCODER_DTYPES, "crepa_mem_encoder_dtype", c.encoder_dtype, " · ".join(ENCODER_DTYPES))
     need(c.vae_tile_size is None or c.vae_tile_size >= 64, "crepa_mem_vae_tile_size", c.vae_tile_size, "an integer ≥ 64 or null")
     if (c.encoder_tier == "cache") != (c.vae_tier == "cache"):  # cached features replace both components

@@ -63,6 +63,10 @@ class CrepaRegularizer:
                               teacher_device=cfg.teacher_device, dtype=DTYPES[cfg.encoder_dtype],
                               stream_engine=cfg.stream_engine, resident_chunks=cfg.stream_resident_chunks,
                               nvme_path=cfg.stream_nvme_path)
+            if cfg.host_share_path:  # one host copy per node: every local rank maps the same file
+                from crepa_mem.teacher.host_share import map_host_copy
+
+                map_host_copy(encoder, cfg.host_share_path)
             vae_place = None if vae is None else place(prepare_vae(vae, cfg), cfg.vae_tier, compute_device=self.device,
                                                         teacher_device=cfg.teacher_device)
             self.teacher = TeacherPath(vae=vae_place, encoder=enc_place, image_size=cfg.encoder_image_size,

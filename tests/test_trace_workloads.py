@@ -79,6 +79,19 @@ def test_swap_has_no_resident_weights_and_stream_counts_a_prefetched_block():
     assert stream.peak_bytes < swap.peak_bytes
 
 
+def test_ramtorch_stream_window_and_resident_chunks_are_measured():
+    from crepa_mem.teacher.ramtorch_engine import chunk_bytes
+
+    w = Workload(**SMALL)
+    sizes = chunk_bytes(build_encoder("dinov2_vits14"))  # embeddings, 12 layers, layernorm
+    ram = trace_candidate(w, TeacherSettings(encoder_tier="stream", vae_tier="swap", chunk=1, stream_engine="ramtorch"))
+    assert ram.prefetch_bytes == 0 and ram.weights_bytes == 0  # the window is in the measured peak, nothing resident
+    pinned = trace_candidate(w, TeacherSettings(encoder_tier="stream", vae_tier="swap", chunk=1,
+                                                stream_engine="ramtorch", resident_chunks=4))
+    assert pinned.weights_bytes == sum(sizes[i] for i in (0, 3, 7, 10))  # RamTorch's evenly spaced 4 of 14
+    assert pinned.peak_bytes >= ram.peak_bytes
+
+
 def test_mid_size_ratios():
     """Encoder-heavy clip (17 frames, ViT-B at 224): streaming both components one frame at a time is
     several times below SimpleTuner's recipe, and the feature cache is far below."""

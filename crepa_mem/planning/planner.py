@@ -14,7 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from crepa_mem.planning import choose
 from crepa_mem.planning import estimate as est
+from crepa_mem.planning import host as hosts
 from crepa_mem.config import CrepaConfig
 from crepa_mem.planning.devices import DeviceInfo, other_visible_gpus, resolve_gpu
 from crepa_mem.errors import CrepaConfigError
@@ -55,6 +57,9 @@ class Candidate:
     tiling: bool = False
     drop_vae_encoder: bool = False
     teacher_device: str | None = None
+    stream_engine: str = "group_offload"  # the encoder's stream engine, with RamTorch's resident chunks
+    resident_chunks: int = 0
+    encoder_host: str = "pinned"  # pinned · shared · nvme (planning/host.py)
 
 
 @dataclass
@@ -73,6 +78,7 @@ class Plan:
     quality_level: int = 0
     teacher_gpu: DeviceInfo | None = None
     base_config: CrepaConfig | None = None
+    host: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         from crepa_mem.planning.report import plan_to_dict
@@ -129,7 +135,7 @@ class _Ctx:
     width: int
     batch: int
     budget: int
-    host_ram: int | None
+    host: hosts.HostInfo | None
     others: dict[str, DeviceInfo]
     headroom: float
     encoders: dict[str, EncoderProfile] = field(default_factory=dict)
@@ -150,13 +156,10 @@ def _evaluate(ctx: _Ctx, c: Candidate) -> tuple[est.Estimate, bool, dict[str, fl
     """(estimate, fits, step-time overhead in seconds by knob)."""
     enc = ctx.encoder(c.level.encoder)
     e = est.estimate(ctx.model, enc, encoder_tier=c.encoder_tier, vae_tier=c.vae_tier, **_kwargs(ctx, c))
+    e = choose.with_engine(e, enc, c)  # RamTorch's window and resident chunks in place of group offloading's
     fits = e.peak_bytes <= ctx.budget
-    weights = {"encoder": enc.params * (4 if c.level.encoder_dtype == "fp32" else 2),
-               "vae": est.vae_weight_bytes(ctx.model.vae, "bf16", c.drop_vae_encoder)}
-    pinned = sum(weights[k] for k, tier in (("encoder", c.encoder_tier), ("vae", c.vae_tier))
-                 if tier in ("swap", "stream"))
-    if ctx.host_ram is not None and pinned > ctx.host_ram:
-        fits = False  # swap/stream keep the weights in (pinned) host RAM
+    weights = choose.moved_weights(ctx, enc, c)  # bytes over PCIe per step, by component
+    fits = fits and choose.host_plan(ctx, c, enc).fits  # swap/stream keep the weights in host RAM, per rank
     if c.teacher_device:
         other = ctx.others[c.teacher_device]
         need = est.teacher_bytes(ctx.model, enc, **_kwargs(ctx, c))
@@ -204,16 +207,6 @@ def vae_decode_seconds(ctx: _Ctx, tiling: bool) -> float:
     return flops / (_tflops(ctx) * VAE_MFU)
 
 
-def _host_ram() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux), or None when unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 # ---------------------------------------------------------------------------- plan()
@@ -222,12 +215,13 @@ def plan(model: str | ModelProfile, gpu: str | DeviceInfo = "auto", *, frames: i
          height: int | None = None, width: int | None = None, batch: int = 1, train_gib: float | None = None,
          headroom: float = 0.10, host_ram_bytes: int | None = None, profiles_dir=None,
          base_config: CrepaConfig | None = None, spatial_align: bool | None = None, encoder: str | None = None,
-         teacher_gpus: list[DeviceInfo] | None = None) -> Plan:
+         teacher_gpus: list[DeviceInfo] | None = None, local_ranks: int | None = None) -> Plan:
     """The best configuration that fits (or, with fits=False, the smallest one and what it needs).
 
     gpu: a selector for devices.resolve_gpu ("auto", "1", "rtx4090", "24GB") or a DeviceInfo.
     train_gib: what training uses without CREPA; default: what is in use on the GPU now.
     teacher_gpus: other GPUs for the `device` tier (default: the other visible GPUs).
+    host_ram_bytes, local_ranks: host RAM of the node and ranks on it (default: read, LOCAL_WORLD_SIZE).
     """
     m = model if isinstance(model, ModelProfile) else get_model(model, profiles_dir)
     frames = m.default_frames if frames is None else int(frames)
@@ -257,7 +251,7 @@ def plan(model: str | ModelProfile, gpu: str | DeviceInfo = "auto", *, frames: i
         avail = dev.total_bytes - (dev.reserved_bytes or 0) - train
     budget = avail - headroom_bytes
     ctx = _Ctx(m, dev, frames, height, width, batch, budget,
-               _host_ram() if host_ram_bytes is None else host_ram_bytes,
+               hosts.read_host(ram_bytes=host_ram_bytes, ranks=local_ranks),
                {f"cuda:{d.cuda_index}": d for d in roomy}, headroom)
     start = get_encoder(encoder or "dinov2_vitg14", profiles_dir)
     ctx.encoders[start.name] = start
@@ -275,7 +269,7 @@ def plan(model: str | ModelProfile, gpu: str | DeviceInfo = "auto", *, frames: i
                 continue
         for step in _steps(level, total_frames, roomy):
             fitting = []
-            for c in step:
+            for c in choose.variants(ctx, step, lambda v: _evaluate(ctx, v)):
                 e, ok, cost = _evaluate(ctx, c)
                 if smallest is None or e.peak_bytes < smallest[1].peak_bytes:
                     smallest = (c, e, cost, rank)
@@ -303,7 +297,9 @@ def plan(model: str | ModelProfile, gpu: str | DeviceInfo = "auto", *, frames: i
     return Plan(fits=fits, settings=_settings(m, c, base_config), tiers={"encoder": c.encoder_tier, "vae": c.vae_tier},
                 estimate=e, reasons=reasons, gpu=dev, model=m, shape=shape, budget=budget_d, costs=costs,
                 step_overhead_s=round(sum(cost.values()), 4), quality_level=rank,
-                teacher_gpu=ctx.others.get(c.teacher_device) if c.teacher_device else None, base_config=base_config)
+                teacher_gpu=ctx.others.get(c.teacher_device) if c.teacher_device else None, base_config=base_config,
+                host={**(ctx.host.to_dict() if ctx.host else {}),
+                      **choose.host_plan(ctx, c, ctx.encoder(c.level.encoder)).to_dict()})
 
 
 def _settings(m: ModelProfile, c: Candidate, base: CrepaConfig | None) -> dict[str, Any]:
@@ -317,6 +313,7 @@ def _settings(m: ModelProfile, c: Candidate, base: CrepaConfig | None) -> dict[s
         "crepa_drop_vae_encoder": c.drop_vae_encoder,
         "crepa_encoder_frames_batch_size": c.chunk,
         "crepa_mem_encoder_tier": c.encoder_tier,
+        **choose.settings(c),
         "crepa_mem_vae_tier": c.vae_tier,
         "crepa_mem_encoder_dtype": lv.encoder_dtype,
         "crepa_mem_vae_tiling": c.tiling,
@@ -397,12 +394,14 @@ def _explain(ctx: _Ctx, c: Candidate, e: est.Estimate, cost: dict[str, float], b
     if c.drop_vae_encoder:
         choice("crepa_drop_vae_encoder", True, f"vae.encoder deleted ({f(ctx.model.vae.params_encoder * 2)} in bf16); "
                "the trainer must feed cached latents (no on-the-fly VAE encode)", "none")
+    reasons += choose.reasons(ctx, c, enc)
     if fits:
         reasons.append(f"peak {f(e.peak_bytes)} at the {e.peak_phase} phase leaves {f(b - e.peak_bytes)} of the "
                        f"budget, plus {f(int(ctx.headroom * g.total_bytes))} headroom")
     else:
-        if ctx.host_ram is not None:
-            reasons.append(f"host RAM available for the swap/stream tiers: {f(ctx.host_ram)}")
+        if ctx.host is not None and ctx.host.available_bytes is not None:
+            reasons.append(f"host RAM available for the swap/stream tiers on this node: {f(ctx.host.available_bytes)} "
+                           f"for {ctx.host.local_ranks} local rank(s)")
         sc, se = smallest[0], smallest[1]
         what = (f"{sc.level.encoder}@{sc.level.image_size} {sc.level.encoder_dtype}, spatial_align "
                 f"{'on' if sc.level.spatial_align else 'off'}, tiers vae={sc.vae_tier} encoder={sc.encoder_tier}")

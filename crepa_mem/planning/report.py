@@ -61,4 +61,5 @@ def plan_to_dict(plan: "Plan") -> dict[str, Any]:
         "step_overhead_s": plan.step_overhead_s,
         "quality_level": plan.quality_level,
         "teacher_gpu": gpu_to_dict(plan.teacher_gpu) if plan.teacher_gpu else None,
+        "host": dict(plan.host),  # this node's RAM, ulimit -l, local ranks, and the plan's host bytes
     }

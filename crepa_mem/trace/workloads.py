@@ -151,6 +151,8 @@ class TeacherSettings:
     vae_tile_size: int | None = None
     drop_vae_encoder: bool = False
     feature_cache: bool = False
+    stream_engine: str = "group_offload"  # the encoder's stream engine; ramtorch: its loader runs on this thread
+    resident_chunks: int = 0
 
     def __post_init__(self) -> None:
         self.config()  # validates every value with CrepaConfig's messages
@@ -164,7 +166,8 @@ class TeacherSettings:
         return CrepaConfig(encoder_tier=self.encoder_tier, vae_tier=self.vae_tier, encoder_dtype=self.encoder_dtype,
                            encoder_frames_batch_size=self.chunk or -1, vae_tiling=self.vae_tiling,
                            vae_tile_size=self.vae_tile_size, drop_vae_encoder=self.drop_vae_encoder,
-                           feature_cache="<traced>" if self.feature_cache else None)
+                           feature_cache="<traced>" if self.feature_cache else None,
+                           stream_engine=self.stream_engine, stream_resident_chunks=self.resident_chunks)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -245,7 +248,8 @@ def _trace(workload: Workload, settings: TeacherSettings, progress: Progress | N
         encoder = materialize(build_encoder(workload.encoder), "cpu")
         vae_p = place(vae, "gpu" if baseline else settings.vae_tier, compute_device=FAKE_GPU, teacher_device="cpu")
         enc_p = place(encoder, "gpu" if baseline else settings.encoder_tier, compute_device=FAKE_GPU,
-                      teacher_device="cpu", dtype=enc_dtype)
+                      teacher_device="cpu", dtype=enc_dtype, stream_engine=settings.stream_engine,
+                      resident_chunks=settings.resident_chunks)
         weights = tracker.live_bytes(FAKE_GPU) - latents.untyped_storage().nbytes()
         hooks = [_count_calls(getattr(vae, "decoder", None), "decode", progress)]
         tracker.reset_peak()
@@ -265,6 +269,7 @@ def _trace(workload: Workload, settings: TeacherSettings, progress: Progress | N
             for h in hooks:
                 if h is not None:
                     h.remove()
+            enc_p.close()
         prefetch = max((_stream_prefetch(p) for p in (vae_p, enc_p)), default=0)
         return TraceResult(peak_bytes=tracker.peak_bytes(FAKE_GPU) + prefetch, weights_bytes=max(weights, 0),
                            phases={k: v.get(str(FAKE_GPU), 0) for k, v in tracker.phase_peaks.items()},
@@ -275,8 +280,8 @@ def _trace(workload: Workload, settings: TeacherSettings, progress: Progress | N
 def _stream_prefetch(placement) -> int:
     """On CUDA the stream tier holds the next block while one runs (a side-stream prefetch the fake
     run, having no streams, does not make): count the largest block once more."""
-    if placement.tier != "stream":
-        return 0
+    if placement.tier != "stream" or not hasattr(placement, "groups"):
+        return 0  # RamTorch's loader ran on the traced thread: its window is in the measured peak
     groups = placement.groups()
     return max(groups) if groups else 0
 
