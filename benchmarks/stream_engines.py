@@ -6,7 +6,8 @@ DINOv2 ViT-S/14 (real width and depth, random weights). Each engine runs the sam
 resident model; the script checks the outputs are identical and prints the best wall time of each.
 RamTorch is cut as REFERENCE §4 says: [embeddings, *encoder.layer, layernorm] reproduces
 last_hidden_state. On a CPU-only build its copies degrade to clones; group offloading's onload to the
-CPU is a no-op. (What each would cost on a GPU is reasoned in crepa_mem/tiers_stream.py.)
+CPU is a no-op. (What each would cost on a GPU is reasoned in crepa_mem/teacher/stream.py and
+crepa_mem/teacher/ramtorch_engine.py; RamTorch runs through crepa-mem's placement, `stream_engine="ramtorch"`.)
 """
 from __future__ import annotations
 
@@ -37,7 +38,6 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
 
-    import ramtorch
     from transformers import Dinov2Config, Dinov2Model
 
     from crepa_mem.teacher.tiers import place
@@ -50,8 +50,7 @@ def main() -> None:
         ref = base(pixel_values=x).last_hidden_state
 
     grouped = place(copy.deepcopy(base), "stream", compute_device="cpu").module
-    r = copy.deepcopy(base)
-    offload = ramtorch.OffloadModel([r.embeddings, *r.encoder.layer, r.layernorm], device="cpu", window=2)
+    ram = place(copy.deepcopy(base), "stream", compute_device="cpu", stream_engine="ramtorch")  # the real engine
 
     def run_resident():
         with torch.no_grad():
@@ -62,13 +61,14 @@ def main() -> None:
             return grouped(pixel_values=x).last_hidden_state
 
     def run_ramtorch():
-        return offload(x)
+        with ram.active() as m:
+            return m(pixel_values=x).last_hidden_state
 
     torch.testing.assert_close(run_grouped(), ref, rtol=0, atol=0)
     torch.testing.assert_close(run_ramtorch(), ref, rtol=0, atol=0)
     times = best_times({"resident": run_resident, "diffusers group offloading": run_grouped,
                         "ramtorch OffloadModel": run_ramtorch}, args.repeats)
-    offload.close()
+    ram.close()
     print(f"threads {torch.get_num_threads()}, {args.frames} frames at {args.size} px, ViT-S/14; best of {args.repeats}")
     for name, t in times.items():
         print(f"{name:28s} {t:.3f} s  ({t / times['resident'] - 1:+.1%} vs resident)")

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from crepa_mem.cli._errors import EXIT_DOES_NOT_FIT, fail, user_errors
+from crepa_mem.cli._errors import EXIT_DOES_NOT_FIT, EXIT_USAGE, fail, user_errors
 from crepa_mem.cli._output import console, emit_json, human_bytes
 
 
@@ -27,7 +27,9 @@ def register(app: typer.Typer) -> None:
                                                   "(default: what is in use on the GPU now)."),
         headroom: float = typer.Option(0.10, "--headroom", help="Fraction of the GPU kept free (default 0.10)."),
         host_ram: Optional[str] = typer.Option(None, "--host-ram", help="Host RAM for the swap/stream tiers, e.g. "
-                                               "64GiB (default: MemAvailable)."),
+                                               "64GiB: this node's, for all its local ranks (default: available now)."),
+        local_ranks: Optional[int] = typer.Option(None, "--local-ranks", help="Training processes on this node, each "
+                                                  "with its own host copy (default: $LOCAL_WORLD_SIZE, else 1)."),
         profiles: Optional[list[str]] = typer.Option(None, "--profiles", help="Directory of extra profile *.toml "
                                                      "files (also $CREPA_MEM_PROFILES)."),
         as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
@@ -43,8 +45,10 @@ def register(app: typer.Typer) -> None:
                 ram = parse_size(host_ram)
             except ValueError as e:
                 fail(f"--host-ram: {e}")
+        if local_ranks is not None and local_ranks < 1:
+            fail(f"--local-ranks {local_ranks} is invalid: valid is an integer ≥ 1", EXIT_USAGE)
         p = plan(model, gpu, frames=frames, height=height, width=width, batch=batch, train_gib=train_gib,
-                 headroom=headroom, host_ram_bytes=ram, profiles_dir=profiles or None)
+                 headroom=headroom, host_ram_bytes=ram, profiles_dir=profiles or None, local_ranks=local_ranks)
         if p.gpu.source == "catalog" and p.gpu.note.startswith("no GPU found"):
             typer.echo(f"crepa-mem: {p.gpu.note}", err=True)  # one line, never wrapped
         if write is not None:
@@ -96,6 +100,10 @@ def _print(p) -> None:
     head.add_row("training uses", human_bytes(b["train_bytes"]))
     head.add_row("headroom", human_bytes(b["headroom_bytes"]))
     head.add_row("budget for CREPA", human_bytes(b["budget_bytes"]))
+    if p.host.get("node_bytes"):
+        head.add_row("host (this node)", f"{human_bytes(p.host['node_bytes'])} for {p.host['local_ranks']} local rank(s)"
+                     + (f" of {human_bytes(p.host['available_bytes'])} available" if p.host.get("available_bytes")
+                        else ""))
     head.add_row("fits", "[green]yes[/]" if p.fits else "[red]no[/]")
     out.print(head)
 

@@ -44,3 +44,23 @@ def test_config_allows_sharing_only_for_swap():
     assert CrepaConfig(encoder_tier="swap", host_share_path="/d/x.safetensors").host_share_path
     with pytest.raises(CrepaConfigError, match="crepa_mem_host_share_path"):
         CrepaConfig(encoder_tier="stream", host_share_path="/d/x.safetensors")
+
+
+def test_ranks_arriving_together_map_one_file(tmp_path):
+    import threading
+
+    path, inodes = tmp_path / "enc.safetensors", []
+    models = [tiny_dinov2(num_layers=2) for _ in range(4)]
+    barrier = threading.Barrier(len(models))
+
+    def rank(m):
+        barrier.wait()
+        map_host_copy(m, path)
+        inodes.append(path.stat().st_ino)
+
+    threads = [threading.Thread(target=rank, args=(m,)) for m in models]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(inodes)) == 1 and not list(tmp_path.glob(".*.tmp"))  # written once, by one of them

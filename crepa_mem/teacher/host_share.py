@@ -4,11 +4,12 @@
 memory on one node). Mapped from one file instead, the weights are page-cache pages that every process on
 the node maps: the node holds them once (each rank's RSS still counts them, its PSS splits them; see
 benchmarks/host_share.py). The pages are pageable, so copies to the GPU run at pageable speed, not pinned.
-The first rank to get here writes the file (atomically: a temporary file then a rename; concurrent writers
-write the same bytes), every rank then maps it; a file whose tensors do not match the module is rewritten.
+The first rank to get here writes the file (under a lock file, atomically: a temporary file then a rename),
+every rank then maps that same file; a file whose tensors do not match the module is rewritten.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import mmap
 import os
@@ -60,10 +61,15 @@ def write_host_copy(module: nn.Module, path: str | os.PathLike) -> Path:
     if _matches(_header(path), tensors):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(tmp),
-              metadata={"crepa_mem": "host copy"})
-    os.replace(tmp, path)
+    # One writer at a time, and a second look under the lock: ranks that each wrote and renamed their own
+    # file would map different inodes, and the node would hold one copy per rank again.
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _matches(_header(path), tensors):
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(tmp),
+                      metadata={"crepa_mem": "host copy"})
+            os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
     return path
 
 

@@ -2,7 +2,7 @@
 
 Engine: diffusers group offloading (`apply_group_offloading`, block level, one block per group, a
 CUDA side stream with `record_stream` when CUDA exists). RamTorch's `OffloadModel` over
-[embeddings, *encoder.layer, layernorm] was measured against it and not taken:
+[embeddings, *encoder.layer, layernorm] is not the default (it is the encoder's second engine, ramtorch_engine.py):
 - Measured on the CPU (benchmarks/stream_engines.py, ViT-S/14, 8 frames at 224 px, 2 cores): both
   give outputs identical to the resident model and both run within noise of it (group offloading
   +0-1 %, RamTorch -4..+4 % across runs; RamTorch's copies degrade to clones there). Speed on the
