@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
+from crepa_mem.fileio import respect_umask
 from crepa_mem.capture import BlockCapture, hidden_size_of, unwrap
 from crepa_mem.config import CrepaConfig
 from crepa_mem.errors import CrepaMemError
@@ -56,7 +57,7 @@ def save_projector(projector: nn.Module, directory: str | os.PathLike) -> Path:
     path = Path(directory) / PROJECTOR_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(projector_state_dict(projector), str(path), metadata={"format": "pt", "crepa_mem": "projector"})
-    return path
+    return respect_umask(path)  # safetensors writes 0600
 
 
 def load_projector(projector: nn.Module, directory_or_file: str | os.PathLike) -> None:
