@@ -78,3 +78,36 @@ def chunk() -> Any:
 
 def profiles() -> Any:
     return typer.Option(None, "--profiles", help="Directory of extra profile *.toml files (also $CREPA_MEM_PROFILES).")
+
+
+# ------------------------------------------------------------------ checks the commands share
+
+def choice(flag_name: str, value: str, valid: tuple[str, ...], extra: str = "") -> str:
+    from crepa_mem.cli._errors import fail
+
+    if value not in valid:
+        fail(f"{flag_name} {value!r} is invalid: valid is {' · '.join(valid)}{extra}")
+    return value
+
+
+def at_least_one(flag_name: str, value: int | None, extra: str = "") -> None:
+    from crepa_mem.cli._errors import fail
+
+    if value is not None and value < 1:
+        fail(f"{flag_name} {value} is invalid: valid is an integer ≥ 1{extra}")
+
+
+def check_image_size(value: int | None) -> None:
+    """The one image-size rule (CrepaConfig's, so SimpleTuner configs load): ≥ 64. A size that is not a
+    multiple of 14 works (DINOv2's patch grid drops the remainder) and gets a note saying what it wastes."""
+    from crepa_mem.cli._errors import fail
+    from crepa_mem.cli._output import message
+
+    if value is None:
+        return
+    if value < 64:
+        fail(f"--image-size {value} is invalid: valid is an integer ≥ 64 (a multiple of 14, e.g. 224, 518)")
+    if value % 14:
+        near = sorted({value - value % 14, value - value % 14 + 14} - {0})
+        message(f"crepa-mem: note: --image-size {value} is not a multiple of 14: the encoder's {value // 14}×"
+                f"{value // 14} patch grid leaves {value % 14} px unused ({' or '.join(map(str, near))} use every pixel)")

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from crepa_mem.cli import _options as O
 from crepa_mem.cli._errors import EXIT_DOES_NOT_FIT, fail, user_errors
 from crepa_mem.cli._output import console, emit_json, human_bytes
 
@@ -15,22 +16,21 @@ def register(app: typer.Typer) -> None:
     @app.command("plan")
     @user_errors
     def plan_cmd(
-        model: str = typer.Option(..., "--model", "-m", help="Family (wan, ltxvideo, sanavideo, kandinsky5_video) "
-                                  "or checkpoint (wan-2.1-14b, ...); `crepa-mem profiles` lists them."),
+        model: str = O.model("Family (wan, ltxvideo, sanavideo, kandinsky5_video) or checkpoint (wan-2.1-14b, ...); "
+                             "`crepa-mem profiles` lists them."),
         gpu: str = typer.Option("auto", "--gpu", help="auto, an index (1 or cuda:1), a catalog name (rtx4090) "
                                 "or a size (24GB, 24GiB)."),
-        frames: Optional[int] = typer.Option(None, "--frames", help="Pixel frames per clip (default: the checkpoint's)."),
-        height: Optional[int] = typer.Option(None, "--height", help="Clip height in pixels."),
-        width: Optional[int] = typer.Option(None, "--width", help="Clip width in pixels."),
-        batch: int = typer.Option(1, "--batch", help="Clips per step."),
+        frames: Optional[int] = O.frames(),
+        height: Optional[int] = O.height(),
+        width: Optional[int] = O.width(),
+        batch: int = O.batch(),
         train_gib: Optional[float] = typer.Option(None, "--train-gib", help="GiB the training uses without CREPA "
                                                   "(default: what is in use on the GPU now)."),
-        headroom: float = typer.Option(0.10, "--headroom", help="Fraction of the GPU kept free (default 0.10)."),
+        headroom: float = typer.Option(0.10, "--headroom", help="Fraction of the GPU kept free."),
         host_ram: Optional[str] = typer.Option(None, "--host-ram", help="Host RAM for the swap/stream tiers, e.g. "
                                                "64GiB (default: MemAvailable)."),
-        profiles: Optional[list[str]] = typer.Option(None, "--profiles", help="Directory of extra profile *.toml "
-                                                     "files (also $CREPA_MEM_PROFILES)."),
-        as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+        profiles: Optional[list[str]] = O.profiles(),
+        as_json: bool = O.as_json("Print the plan as JSON."),
         write: Optional[Path] = typer.Option(None, "--write", help="Write the planned config (crepa_* keys) to FILE."),
     ) -> None:
         """The best CREPA configuration that fits: tiers, chunks, encoder, and what each choice costs."""
