@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -43,8 +44,10 @@ def register(app: typer.Typer) -> None:
                 ram = parse_size(host_ram)
             except ValueError as e:
                 fail(f"--host-ram: {e}")
-        p = plan(model, gpu, frames=frames, height=height, width=width, batch=batch, train_gib=train_gib,
-                 headroom=headroom, host_ram_bytes=ram, profiles_dir=profiles or None)
+        with warnings.catch_warnings():  # the no-GPU fallback is printed as one note line below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            p = plan(model, gpu, frames=frames, height=height, width=width, batch=batch, train_gib=train_gib,
+                     headroom=headroom, host_ram_bytes=ram, profiles_dir=profiles or None)
         if p.gpu.source == "catalog" and p.gpu.note.startswith("no GPU found"):
             typer.echo(f"crepa-mem: {p.gpu.note}", err=True)  # one line, never wrapped
         if write is not None:

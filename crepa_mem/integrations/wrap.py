@@ -197,11 +197,26 @@ def _is_distributed_wrapper(model: nn.Module) -> bool:
     return bool(names & {"DistributedDataParallel", "FullyShardedDataParallel", "DeepSpeedEngine"})
 
 
+def _check_plan_fits_model(plan: Any, transformer: nn.Module) -> None:
+    """A plan's memory figures hold for its own model's width only: say so when it was made for another
+    model (a warning, not an error: its tiers and chunk still apply, as the example's --plan-model shows)."""
+    planned = getattr(getattr(plan, "model", None), "hidden_size", None)
+    if planned is None:
+        return
+    width = hidden_size_of(transformer)
+    if planned != width:
+        warnings.warn(f"the plan was made for {plan.model.name} ({planned} wide) but this transformer's blocks are "
+                      f"{width} wide: its memory figures do not hold here; plan the checkpoint you train "
+                      "(crepa_mem.plan('<its name>', gpu=...)). Its tiers and chunk are applied.",
+                      RuntimeWarning, stacklevel=3)
+
+
 def wrap(transformer: nn.Module, *, vae: nn.Module | None = None, encoder: nn.Module | None = None,
          config: CrepaConfig | Mapping[str, Any] | str | os.PathLike | None = None, plan: Any = None,
          feature_cache: str | os.PathLike | None = None, device: torch.device | str | None = None,
          max_train_steps: int | None = None) -> Crepa:
     """Attach CREPA to a stock diffusers video transformer (Wan, LTX-Video, Sana-Video, Kandinsky 5)."""
+    _check_plan_fits_model(plan, transformer)
     cfg = resolve_config(config, plan, feature_cache)
     if _is_distributed_wrapper(transformer):
         warnings.warn("crepa_mem.integrations.wrap was called on a model already wrapped by DDP/FSDP: the projector it registers "
