@@ -67,7 +67,7 @@ def readme_blocks(text: str | None = None) -> list[Block]:
 
 def shell_commands(code: str) -> list[str]:
     """One command per line, continuations joined, comments (` # …` and whole-line) dropped."""
-    joined = re.sub(r"\\\n\s*", " ", code)
+    joined = re.sub(r"\s*\\\n\s*", " ", code)
     commands = []
     for line in joined.splitlines():
         line = re.sub(r"(^|\s)#.*$", "", line).strip()
@@ -196,9 +196,12 @@ PYTHON = [b for b in BLOCKS if b.lang == "python" and b.skip is None]
 
 @pytest.mark.parametrize("block", PYTHON, ids=[b.id for b in PYTHON])
 def test_python_block_runs(scratch, block, monkeypatch):
+    from huggingface_hub import constants
+
     for key, value in _env(scratch).items():
         if key.startswith("HF_"):
             monkeypatch.setenv(key, value)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(scratch / "hf" / "hub"))  # read once at import
     monkeypatch.chdir(scratch)
     code = block.code
     for pattern, replacement in PY_STAND_INS:
