@@ -31,7 +31,7 @@ class _App(TyperGroup):
             ctx = getattr(e, "ctx", None)
             see = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
             text = e.format_message()
-            if re.search(r"extra argument\(s\) \((true|false|yes|no|on|off|1|0)\)", text, re.I):
+            if re.search(r"extra argument(\(s\))? \(?'?(true|false|yes|no|on|off|1|0)'?\)?", text, re.I):
                 text += ": flags take no value (write --json, not --json true; --no-X turns X off)"
             print(f"crepa-mem: error: {text}{see}", file=sys.stderr)
             sys.exit(e.exit_code)
