@@ -146,7 +146,7 @@ def scratch(tmp_path_factory):
 
 def _env(scratch: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CUDA_VISIBLE", "LOCAL_RANK", "WORLD_SIZE"))}
-    env.update(HF_HOME=str(scratch / "hf"), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
+    env.update(HF_HOME=str(scratch / "hf"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
                PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]), COLUMNS="100")
     env.pop("HF_HUB_CACHE", None)
     env.pop("HUGGINGFACE_HUB_CACHE", None)
