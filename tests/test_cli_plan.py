@@ -152,7 +152,7 @@ def test_plan_path_imports_no_torch_diffusers_or_transformers():
 
 def test_train_gib_nan_is_one_line_exit_2():
     res = runner.invoke(app, ["plan", "--model", "wan", "--gpu", "24GiB", "--train-gib", "nan"])
-    assert res.exit_code == 2 and "train_gib=nan" in res.stderr
+    assert res.exit_code == 2 and "--train-gib nan" in res.stderr
 
 
 def test_json_into_a_full_disk_is_one_line_exit_1():
