@@ -15,20 +15,16 @@ from typing import Optional
 
 import typer
 
+from . import _options as O
 from ._errors import EXIT_ERROR, EXIT_USAGE, fail, user_errors
 from ._output import console, emit_json, human_bytes
 
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
+EXIT_INTERRUPTED = 130  # what a shell reports for Ctrl-C
 LATENT_DTYPES = ("as-stored", *DTYPE_NAMES)
 
 cache_app = typer.Typer(help="Precompute CREPA teacher features from cached latents (the `cache` tier).",
                         no_args_is_help=True)
-
-
-def _choice(flag: str, value: str, valid: tuple[str, ...]) -> str:
-    if value not in valid:
-        fail(f"{flag} {value!r} is invalid: valid is {' · '.join(valid)}", EXIT_USAGE)
-    return value
 
 
 def _device(value: str | None):
@@ -118,35 +114,37 @@ def build(
     latents: Path = typer.Option(..., "--latents", help="folder of cached latents (SimpleTuner's VAE cache, .pt or .safetensors)"),
     out: Path = typer.Option(..., "--out", help="store folder (created; an existing one with the same settings resumes)"),
     config: Optional[Path] = typer.Option(None, "--config", help="SimpleTuner config.json to read crepa_* settings from"),
-    encoder: Optional[str] = typer.Option(None, "--encoder", help="DINOv2 name, hub id or local folder [dinov2_vitg14]"),
+    encoder: Optional[str] = O.encoder(None),
     encoder_path: Optional[Path] = typer.Option(None, "--encoder-path", help="local folder with the encoder's weights"),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="encoder input size S [518]"),
-    encoder_dtype: Optional[str] = typer.Option(None, "--encoder-dtype", help="fp32 · bf16 · fp16 [fp32]"),
+    image_size: Optional[int] = O.image_size(None),
+    encoder_dtype: Optional[str] = O.encoder_dtype(None),
     vae: Optional[Path] = typer.Option(None, "--vae", help="diffusers VAE folder (save_pretrained); default: --model's VAE from the HF cache"),
-    vae_dtype: str = typer.Option("fp32", "--vae-dtype", help="fp32 · bf16 · fp16: the dtype the trainer decodes in"),
-    model: Optional[str] = typer.Option(None, "--model", help="checkpoint profile: T' = T // patch_t, DiT grid, default VAE"),
+    vae_dtype: str = O.vae_dtype("fp32", "the dtype the trainer decodes in."),
+    model: Optional[str] = O.model("Checkpoint profile: T' = T // patch_t, DiT grid, default VAE.", required=False),
     target_frames: Optional[int] = typer.Option(None, "--target-frames", help="DiT frames T' (default: from the latent and --model)"),
-    true_grid: Optional[bool] = typer.Option(None, "--true-grid/--no-true-grid", help="encode at the DiT's h'×w' grid"),
-    vae_tiling: Optional[bool] = typer.Option(None, "--vae-tiling/--no-vae-tiling", help="spatial tiling of the decode"),
-    vae_tile_size: Optional[int] = typer.Option(None, "--vae-tile-size", help="tile edge in pixels when tiling"),
+    true_grid: Optional[bool] = typer.Option(None, "--true-grid/--no-true-grid", help="encode at the DiT's h'×w' grid",
+                                             metavar=""),
+    vae_tiling: Optional[bool] = O.vae_tiling(None),
+    vae_tile_size: Optional[int] = O.vae_tile_size(),
     latents_dtype: str = typer.Option("as-stored", "--latents-dtype", help="cast latents as the trainer does: as-stored · fp32 · bf16 · fp16"),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu · cuda · cuda:N [cuda if present, else cpu; per rank under accelerate]"),
-    chunk: Optional[int] = typer.Option(None, "--chunk", help="frames per encoder call (default: all of a sample's frames)"),
-    json_out: bool = typer.Option(False, "--json", help="print the summary as JSON"),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar on stderr"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu · cuda · cuda:N (default: cuda if present, else "
+                                         "cpu; per rank under accelerate)"),
+    chunk: Optional[int] = O.chunk(),
+    json_out: bool = O.as_json("Print the summary as JSON."),
+    progress: bool = O.flag("--progress/--no-progress", "Progress bar on stderr.", default=True),
 ) -> None:
     """Compute the teacher features of every cached latent file into a feature-cache store."""
     from crepa_mem.config import CrepaConfig
 
     if not latents.is_dir():
         fail(f"--latents {str(latents)!r} is not a directory", EXIT_USAGE)
-    _choice("--vae-dtype", vae_dtype, DTYPE_NAMES)
-    _choice("--latents-dtype", latents_dtype, LATENT_DTYPES)
+    O.choice("--vae-dtype", vae_dtype, DTYPE_NAMES)
+    O.choice("--latents-dtype", latents_dtype, LATENT_DTYPES)
     if encoder_dtype is not None:
-        _choice("--encoder-dtype", encoder_dtype, DTYPE_NAMES)
-    for flag, value in (("--chunk", chunk), ("--target-frames", target_frames)):
-        if value is not None and value < 1:
-            fail(f"{flag} {value} is invalid: valid is an integer ≥ 1", EXIT_USAGE)
+        O.choice("--encoder-dtype", encoder_dtype, DTYPE_NAMES)
+    O.at_least_one("--chunk", chunk)
+    O.at_least_one("--target-frames", target_frames)
+    O.check_image_size(image_size)
     if vae is not None and not vae.is_dir():
         fail(f"--vae {str(vae)!r} is not a directory (a diffusers VAE saved with save_pretrained)", EXIT_USAGE)
     from crepa_mem.teacher.cache import find_latent_files
@@ -175,9 +173,16 @@ def build(
              "(its VAE from the local Hugging Face cache)", EXIT_USAGE)
 
     _check_existing(out, cfg)  # before minutes of model loading
+    from crepa_mem.teacher.encoders import local_encoder_dir
+
+    local_encoder_dir(cfg.encoder, cfg.encoder_path)  # a local folder that is not there: exit 2 now, no network
     rank, world, dev, gather = _distributed(_device(device))
-    report = _run_build(files, latents, out, cfg, vae, vae_dtype, model, target_frames, patch, latents_dtype,
-                        dev, rank, world, progress)
+    try:
+        report = _run_build(files, latents, out, cfg, vae, vae_dtype, model, target_frames, patch, latents_dtype,
+                            dev, rank, world, progress)
+    except KeyboardInterrupt:
+        fail(f"interrupted: the entries written so far are kept in {out}; rerun the same command to resume",
+             EXIT_INTERRUPTED)
     summaries = gather(report)
     if rank != 0:
         return

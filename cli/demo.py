@@ -7,7 +7,7 @@ import time
 import typer
 
 from ._errors import fail, user_errors
-from ._output import console, emit_json
+from ._output import console, emit_json, table
 
 FAMILIES = ("wan", "ltxvideo", "sanavideo", "kandinsky5_video")
 VAE_OF = {"wan": "wan", "ltxvideo": "ltxvideo", "sanavideo": "sanavideo", "kandinsky5_video": "kandinsky5_video"}
@@ -59,13 +59,13 @@ def register(app: typer.Typer) -> None:
         if json_out:
             emit_json({"family": family, "steps": rows})
             return
-        from rich.table import Table
-
         keys = ["step", "crepa_loss", "crepa_alignment_score", "crepa_similarity_self", "crepa_weight",
                 "crepa_teacher_chunk_frames", "crepa_teacher_frames_encoded", "seconds"]
-        table = Table(title=f"CREPA on a tiny random {family} transformer (CPU)")
+        short = {"crepa_teacher_chunk_frames": "chunk", "crepa_teacher_frames_encoded": "frames",
+                 "crepa_alignment_score": "alignment", "crepa_similarity_self": "self sim."}
+        t = table(f"CREPA on a tiny random {family} transformer (CPU)")
         for k in keys:
-            table.add_column(k.removeprefix("crepa_"), justify="right")
+            t.add_column(short.get(k, k.removeprefix("crepa_")), justify="right", no_wrap=True)
         for r in rows:
-            table.add_row(*[f"{r[k]:.5f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys])
-        console().print(table)
+            t.add_row(*[f"{r[k]:.4f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys])
+        console().print(t)

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from crepa_mem.cli import _options as O
 from crepa_mem.cli._errors import EXIT_DOES_NOT_FIT, EXIT_USAGE, fail, user_errors
 from crepa_mem.cli._output import console, emit_json, human_bytes
 
@@ -15,24 +17,23 @@ def register(app: typer.Typer) -> None:
     @app.command("plan")
     @user_errors
     def plan_cmd(
-        model: str = typer.Option(..., "--model", "-m", help="Family (wan, ltxvideo, sanavideo, kandinsky5_video) "
-                                  "or checkpoint (wan-2.1-14b, ...); `crepa-mem profiles` lists them."),
+        model: str = O.model("Family (wan, ltxvideo, sanavideo, kandinsky5_video) or checkpoint (wan-2.1-14b, ...); "
+                             "`crepa-mem profiles` lists them."),
         gpu: str = typer.Option("auto", "--gpu", help="auto, an index (1 or cuda:1), a catalog name (rtx4090) "
                                 "or a size (24GB, 24GiB)."),
-        frames: Optional[int] = typer.Option(None, "--frames", help="Pixel frames per clip (default: the checkpoint's)."),
-        height: Optional[int] = typer.Option(None, "--height", help="Clip height in pixels."),
-        width: Optional[int] = typer.Option(None, "--width", help="Clip width in pixels."),
-        batch: int = typer.Option(1, "--batch", help="Clips per step."),
+        frames: Optional[int] = O.frames(),
+        height: Optional[int] = O.height(),
+        width: Optional[int] = O.width(),
+        batch: int = O.batch(),
         train_gib: Optional[float] = typer.Option(None, "--train-gib", help="GiB the training uses without CREPA "
                                                   "(default: what is in use on the GPU now)."),
-        headroom: float = typer.Option(0.10, "--headroom", help="Fraction of the GPU kept free (default 0.10)."),
+        headroom: float = typer.Option(0.10, "--headroom", help="Fraction of the GPU kept free."),
         host_ram: Optional[str] = typer.Option(None, "--host-ram", help="Host RAM for the swap/stream tiers, e.g. "
                                                "64GiB: this node's, for all its local ranks (default: available now)."),
         local_ranks: Optional[int] = typer.Option(None, "--local-ranks", help="Training processes on this node, each "
                                                   "with its own host copy (default: $LOCAL_WORLD_SIZE, else 1)."),
-        profiles: Optional[list[str]] = typer.Option(None, "--profiles", help="Directory of extra profile *.toml "
-                                                     "files (also $CREPA_MEM_PROFILES)."),
-        as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+        profiles: Optional[list[str]] = O.profiles(),
+        as_json: bool = O.as_json("Print the plan as JSON."),
         write: Optional[Path] = typer.Option(None, "--write", help="Write the planned config (crepa_* keys) to FILE."),
     ) -> None:
         """The best CREPA configuration that fits: tiers, chunks, encoder, and what each choice costs."""
@@ -47,8 +48,10 @@ def register(app: typer.Typer) -> None:
                 fail(f"--host-ram: {e}")
         if local_ranks is not None and local_ranks < 1:
             fail(f"--local-ranks {local_ranks} is invalid: valid is an integer ≥ 1", EXIT_USAGE)
-        p = plan(model, gpu, frames=frames, height=height, width=width, batch=batch, train_gib=train_gib,
-                 headroom=headroom, host_ram_bytes=ram, profiles_dir=profiles or None, local_ranks=local_ranks)
+        with warnings.catch_warnings():  # the no-GPU fallback is printed as one note line below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            p = plan(model, gpu, frames=frames, height=height, width=width, batch=batch, train_gib=train_gib,
+                     headroom=headroom, host_ram_bytes=ram, profiles_dir=profiles or None, local_ranks=local_ranks)
         if p.gpu.source == "catalog" and p.gpu.note.startswith("no GPU found"):
             typer.echo(f"crepa-mem: {p.gpu.note}", err=True)  # one line, never wrapped
         if write is not None:

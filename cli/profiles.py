@@ -6,7 +6,7 @@ from typing import Optional
 import typer
 
 from crepa_mem.cli._errors import user_errors
-from crepa_mem.cli._output import console, emit_json, human_bytes
+from crepa_mem.cli._output import console, emit_json, human_bytes, table
 
 
 def register(app: typer.Typer) -> None:
@@ -33,35 +33,33 @@ def register(app: typer.Typer) -> None:
 
 
 def _print(doc) -> None:
-    from rich.table import Table
-
     out = console()
     defaults = set(doc["families"].values())
-    t = Table(title="models (* = the family's default)", title_justify="left")
-    for col in ("name", "blocks × width", "params", "VAE", "frames×H×W"):
+    t = table("models (* = the family's default)")
+    for col in ("name", "blocks × D", "params", "VAE", "frames×H×W"):
         t.add_column(col, no_wrap=True)
     for m in doc["models"]:
         s = m["default_shape"]
         t.add_row(m["name"] + (" *" if m["name"] in defaults else ""), f"{m['num_blocks']} × {m['hidden_size']}", f"{m['params'] / 1e9:.2f}B", m["vae"]["name"],
                   f"{s['frames']}×{s['height']}×{s['width']}")
     out.print(t)
-    t = Table(title="SimpleTuner model_flavour → checkpoint", title_justify="left")
+    t = table("SimpleTuner model_flavour → checkpoint")
     t.add_column("checkpoint", no_wrap=True)
-    t.add_column("model_flavour")
+    t.add_column("model_flavour", overflow="fold")
     for m in doc["models"]:
         if m["simpletuner_flavours"]:
             t.add_row(m["name"], ", ".join(m["simpletuner_flavours"]))
     out.print(t)
-    t = Table(title="GPUs", title_justify="left")
+    t = table("GPUs")
     for col in ("name", "memory", "PCIe", "bf16 TFLOP/s", "aliases"):
-        t.add_column(col, no_wrap=col == "name")
+        t.add_column(col, no_wrap=col != "aliases", overflow="fold")
     for g in doc["gpus"]:
         t.add_row(g["name"], human_bytes(g["memory_bytes"]), f"Gen{g['pcie_gen']} x{g['pcie_width']}",
                   f"{g['bf16_tflops']:g}", ", ".join(g["aliases"]))
     out.print(t)
-    t = Table(title="encoders", title_justify="left")
+    t = table("encoders")
     for col in ("name", "hub id", "width", "layers", "heads", "MLP", "params"):
-        t.add_column(col, no_wrap=col == "name")
+        t.add_column(col, no_wrap=col != "hub id", overflow="fold")
     for e in doc["encoders"]:
         t.add_row(e["name"], e["hub_id"], str(e["hidden_size"]), str(e["num_layers"]), str(e["num_heads"]),
                   f"{e['mlp']} {e['intermediate_size']}", f"{e['params'] / 1e6:.0f} M")

@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 
+from crepa_mem.cli import _options as O
 from crepa_mem.cli._errors import EXIT_USAGE, fail, user_errors
 from crepa_mem.cli._output import console, emit_json, human_bytes
 
@@ -17,59 +18,49 @@ from crepa_mem.config import ENCODER_DTYPES as DTYPES
 from crepa_mem.config import STREAM_ENGINES, TIERS
 
 PLACED = tuple(t for t in TIERS if t != "cache")  # the feature cache is its own flag here
-
-
-def _choice(flag: str, value: str, valid: tuple[str, ...]) -> str:
-    if value not in valid:
-        extra = " (the feature cache is --feature-cache)" if value == "cache" else ""
-        fail(f"{flag} {value!r} is invalid: valid is {' · '.join(valid)}{extra}", EXIT_USAGE)
-    return value
+NOT_HERE = " (the feature cache is --feature-cache)"
 
 
 def register(app: typer.Typer) -> None:
     @app.command("trace")
     @user_errors
     def trace_cmd(
-        model: str = typer.Option(..., "--model", "-m", help="Checkpoint or family (wan-2.1-14b, ltxvideo, ...); "
-                                  "its VAE is traced."),
-        frames: Optional[int] = typer.Option(None, "--frames", help="Pixel frames per clip (default: the model's)."),
-        height: Optional[int] = typer.Option(None, "--height", help="Clip height in pixels (default: the model's)."),
-        width: Optional[int] = typer.Option(None, "--width", help="Clip width in pixels (default: the model's)."),
-        batch: int = typer.Option(1, "--batch", help="Clips per step."),
-        encoder: str = typer.Option("dinov2_vitg14", "--encoder", help="dinov2_vit{s,b,l,g}14, optionally _reg."),
-        image_size: int = typer.Option(518, "--image-size", help="Encoder input size (a multiple of 14)."),
-        vae_dtype: str = typer.Option("bf16", "--vae-dtype", help="VAE weights and decode dtype, both runs."),
+        model: str = O.model("Checkpoint or family (wan-2.1-14b, ltxvideo, ...); its VAE is traced."),
+        frames: Optional[int] = O.frames(),
+        height: Optional[int] = O.height(),
+        width: Optional[int] = O.width(),
+        batch: int = O.batch(),
+        encoder: str = O.encoder(),
+        image_size: int = O.image_size(),
+        vae_dtype: str = O.vae_dtype("bf16", "VAE weights and decode dtype, both runs."),
         encoder_tier: str = typer.Option("gpu", "--encoder-tier", help="Candidate: gpu · swap · stream · device."),
         vae_tier: str = typer.Option("gpu", "--vae-tier", help="Candidate: gpu · swap · stream · device."),
-        chunk: Optional[int] = typer.Option(None, "--chunk", help="Candidate: frames per encoder call "
-                                            "(default: all selected frames at once)."),
-        encoder_dtype: str = typer.Option("fp32", "--encoder-dtype", help="Candidate: fp32 · bf16 · fp16."),
-        vae_tiling: bool = typer.Option(False, "--vae-tiling/--no-vae-tiling", help="Candidate: spatial VAE tiling."),
-        vae_tile_size: Optional[int] = typer.Option(None, "--vae-tile-size", help="Candidate: tile edge in pixels."),
-        drop_vae_encoder: bool = typer.Option(False, "--drop-vae-encoder", help="Candidate: decode-only VAE."),
+        chunk: Optional[int] = O.chunk(),
+        encoder_dtype: str = O.encoder_dtype(),
+        vae_tiling: bool = O.vae_tiling(),
+        vae_tile_size: Optional[int] = O.vae_tile_size(),
+        drop_vae_encoder: bool = O.flag("--drop-vae-encoder", "Candidate: decode-only VAE."),
         stream_engine: str = typer.Option("group_offload", "--stream-engine", help="Candidate: the encoder's "
                                           "stream engine, group_offload · ramtorch (its window is measured)."),
         resident_chunks: int = typer.Option(0, "--resident-chunks", help="Candidate, ramtorch: DINOv2 chunks kept "
                                             "on the GPU (RamTorch's pin)."),
-        feature_cache: bool = typer.Option(False, "--feature-cache", help="Candidate: features read from a "
-                                           "feature cache (no VAE, no encoder on the GPU)."),
-        as_json: bool = typer.Option(False, "--json", help="Print exactly the report dict."),
+        feature_cache: bool = O.flag("--feature-cache", "Candidate: features read from a feature cache (no VAE, "
+                                     "no encoder on the GPU)."),
+        as_json: bool = O.as_json(),
     ) -> None:
         """Trace the teacher's compute-device peak: SimpleTuner's recipe vs the candidate settings."""
         from crepa_mem.profiles import get_model
         from crepa_mem.trace.workloads import TeacherSettings, Workload, expected_steps, trace_baseline, trace_candidate
 
-        _choice("--encoder-tier", encoder_tier, PLACED)
-        _choice("--vae-tier", vae_tier, PLACED)
-        _choice("--encoder-dtype", encoder_dtype, DTYPES)
-        _choice("--stream-engine", stream_engine, STREAM_ENGINES)
+        O.choice("--encoder-tier", encoder_tier, PLACED, NOT_HERE if encoder_tier == "cache" else "")
+        O.choice("--vae-tier", vae_tier, PLACED, NOT_HERE if vae_tier == "cache" else "")
+        O.choice("--encoder-dtype", encoder_dtype, DTYPES)
+        O.choice("--stream-engine", stream_engine, STREAM_ENGINES)
         if resident_chunks < 0:
             fail(f"--resident-chunks {resident_chunks} is invalid: valid is an integer ≥ 0", EXIT_USAGE)
-        _choice("--vae-dtype", vae_dtype, DTYPES)
-        if chunk is not None and chunk < 1:
-            fail(f"--chunk {chunk} is invalid: valid is an integer ≥ 1 (omit it for all frames at once)", EXIT_USAGE)
-        if image_size < 14 or image_size % 14:
-            fail(f"--image-size {image_size} is invalid: valid is a multiple of 14 (e.g. 224, 518)", EXIT_USAGE)
+        O.choice("--vae-dtype", vae_dtype, DTYPES)
+        O.at_least_one("--chunk", chunk, " (omit it for all frames at once)")
+        O.check_image_size(image_size)
         profile = get_model(model)
         from crepa_mem.profiles import get_encoder
 

@@ -177,6 +177,7 @@ class BlockCapture:
         # the class's forward: accelerate may replace the instance's with a (*args, **kwargs) wrapper
         self._arg_names = list(inspect.signature(type(self._model).forward).parameters)[1:]
         self.clear()
+        self._removed = False
         blocks = getattr(self._model, self.spec.blocks_attr)
         self._hooks = ForwardScopedHooks(
             self._model, {i: blocks[i] for i in {self.block_index, self.teacher_block_index} - {None}},
@@ -255,10 +256,7 @@ class BlockCapture:
     def hidden_states(self) -> Tensor:
         """Block `block_index`'s output (B, T', h'·w', D) from the latest forward, gradient attached."""
         if not self._forward_ran:
-            raise CaptureError(
-                "hidden states not returned: no transformer forward has run since the capture was set up "
-                "or cleared"
-            )
+            raise CaptureError(self._no_forward_message())
         if self._raw is None:
             raise CaptureError(_NOT_RETURNED.format(i=self.block_index))
         if self._reentrant:
@@ -279,12 +277,18 @@ class BlockCapture:
             return None
         if self._teacher_raw is None:
             if not self._forward_ran:
-                raise CaptureError("hidden states not returned: no transformer forward has run yet")
+                raise CaptureError(self._no_forward_message())
             raise CaptureError(_NOT_RETURNED.format(i=self.teacher_block_index))
         if self._teacher is None:
             self._teacher = self._to_frames(self._teacher_raw)
             self._teacher_raw = self._teacher
         return self._teacher
+
+    def _no_forward_message(self) -> str:
+        if self._removed:
+            return ("hidden states not returned: no transformer forward ran while the capture was active "
+                    "(run the forward inside the `with capture_hidden_states(...)` block)")
+        return "hidden states not returned: no transformer forward has run since the capture was set up or cleared"
 
     def _to_frames(self, hidden: Tensor) -> Tensor:
         t, h, w = self.grid
@@ -310,10 +314,13 @@ class BlockCapture:
         self._grad_at_forward = False
         self._reentrant = False
 
-    def remove(self) -> None:
-        """Remove every hook; safe to call more than once."""
+    def remove(self, *, keep_results: bool = False) -> None:
+        """Remove every hook; safe to call more than once. keep_results keeps the latest forward's
+        tensors readable (what the `with` block does on exit)."""
         self._hooks.remove()
-        self.clear()
+        self._removed = True
+        if not keep_results:
+            self.clear()
 
 
 def _unfractal(hidden: Tensor, shape: tuple[int, int, int, int]) -> Tensor:
@@ -331,9 +338,10 @@ def _unfractal(hidden: Tensor, shape: tuple[int, int, int, int]) -> Tensor:
 def capture_hidden_states(
     transformer: nn.Module, block_index: int, *, teacher_block_index: int | None = None
 ) -> Iterator[BlockCapture]:
-    """`with capture_hidden_states(dit, 8) as cap: dit(**inputs); cap.hidden_states` — hooks removed on exit."""
+    """`with capture_hidden_states(dit, 8) as cap: dit(**inputs)`, then `cap.hidden_states`: the hooks go on
+    exit, the last forward's result stays readable (until `cap.clear()`)."""
     capture = BlockCapture(transformer, block_index, teacher_block_index=teacher_block_index)
     try:
         yield capture
     finally:
-        capture.remove()
+        capture.remove(keep_results=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -113,8 +114,9 @@ class CrepaConfig:
 
     # ---------------------------------------------------------------- readers
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "CrepaConfig":
-        """Reads SimpleTuner keys (plain or `--crepa_x`); keys not about CREPA are ignored."""
+    def from_dict(cls, data: Mapping[str, Any], *, warn_unknown: bool = True) -> "CrepaConfig":
+        """Reads SimpleTuner keys (plain or `--crepa_x`); keys not about CREPA are ignored. An unknown
+        crepa_* / crepa_mem_* key (a typo, mostly) warns once per process, with the closest known key."""
         by_key = {f.metadata["key"]: f for f in fields(cls) if f.metadata.get("key")}
         normalised: dict[str, Any] = {}
         for raw_key, value in data.items():
@@ -134,6 +136,8 @@ class CrepaConfig:
                 ignored.append(key)
                 continue
             kwargs[f.name] = _coerce(key, value, f.type)
+        if warn_unknown:
+            _warn_unknown(ignored, list(by_key))
         return cls(**kwargs, ignored_keys=tuple(sorted(ignored)))
 
     @classmethod
@@ -211,6 +215,25 @@ def _coerce(key: str, value: Any, annotation: str) -> Any:
         raise CrepaConfigError(key, value, valid={"bool": "true or false", "int": "an integer",
                                                   "float": "a number"}.get(base, base)) from None
     return value
+
+
+class UnknownKeyWarning(UserWarning):
+    """A crepa_* key that no option reads (SimpleTuner ignores it too)."""
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_unknown(keys: list[str], known: list[str]) -> None:
+    from difflib import get_close_matches
+
+    for key in keys:
+        if key in _WARNED:
+            continue
+        _WARNED.add(key)
+        close = get_close_matches(key, known, n=1, cutoff=0.75)
+        hint = f"; did you mean {close[0]}?" if close else " (see `crepa-mem doctor --config FILE`)"
+        warnings.warn(f"{key} is not a CREPA option and is ignored{hint}", UnknownKeyWarning, stacklevel=3)
 
 
 def _validate(c: CrepaConfig) -> None:

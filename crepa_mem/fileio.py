@@ -18,6 +18,19 @@ TMP_PREFIX = ".tmp-"
 GZIP_MAGIC = b"\x1f\x8b"
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def respect_umask(path: str | os.PathLike, mode: int = 0o666) -> Path:
+    """chmod `path` to what open() would have created: `mode` less the umask (temp-then-rename writes
+    and safetensors' writer leave 0600 otherwise)."""
+    os.chmod(path, mode & ~current_umask())
+    return Path(path)
+
+
 def fsync_dir(directory: str | os.PathLike) -> None:
     """Make a rename in `directory` durable (a no-op where folders cannot be opened, e.g. Windows)."""
     try:
@@ -44,6 +57,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, *, prefix: str = TM
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        respect_umask(tmp)  # mkstemp makes 0600: a cache shared between users or containers stays readable
         os.replace(tmp, path)
     except BaseException:
         try:

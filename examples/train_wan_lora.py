@@ -196,12 +196,15 @@ def train(args: argparse.Namespace) -> list[dict]:
         from diffusers import WanPipeline
         from safetensors.torch import save_file
 
+        from crepa_mem.fileio import respect_umask
         from crepa_mem.integrations.wrap import PROJECTOR_FILE
 
         lora, projector = lora_state(unwrap(accelerator.unwrap_model(model))), crepa.projector_state_dict()
         if accelerator.is_main_process:  # the LoRA file, and crepa_projector.safetensors beside it
             WanPipeline.save_lora_weights(args.save_dir, transformer_lora_layers=lora)
             save_file(projector, str(args.save_dir / PROJECTOR_FILE))
+            for written in args.save_dir.glob("*.safetensors"):  # safetensors writes 0600: give what the umask says
+                respect_umask(written)
             say(f"saved LoRA and projector to {args.save_dir}")
     accelerator.wait_for_everyone()
     say(f"done: {len(rows)} steps in {sum(r['seconds'] for r in rows):.1f}s of training; crepa_alignment_score "

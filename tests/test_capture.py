@@ -159,6 +159,24 @@ def test_remove_is_idempotent_and_removes_every_hook():
     assert _hook_count(model) == before
 
 
+def test_result_stays_readable_after_the_with_block_and_absence_is_named():
+    model = tiny_transformer("wan")
+    before = _hook_count(model)
+    with capture_hidden_states(model, 1) as cap:
+        model(**tiny_transformer_inputs("wan", model))
+    assert _hook_count(model) == before  # the hooks are gone, the result is not
+    hidden = cap.hidden_states
+    assert hidden.requires_grad and hidden.shape[-1] == 32
+    hidden.sum().backward()  # still connected to the forward's graph
+    cap.clear()
+    with pytest.raises(CaptureError, match="no transformer forward ran while the capture was active"):
+        cap.hidden_states
+    with capture_hidden_states(model, 1) as idle:
+        pass
+    with pytest.raises(CaptureError, match="inside the `with capture_hidden_states"):
+        idle.hidden_states
+
+
 def test_block_that_never_ran_and_clear():
     model = tiny_transformer("sanavideo")
     kwargs = tiny_transformer_inputs("sanavideo", model)

@@ -70,7 +70,9 @@ def test_build_human_summary(setup, tmp_path):
     (("--chunk", "0"), "--chunk 0 is invalid"),
     (("--vae", "missing-vae"), "--vae 'missing-vae' is not a directory"),
     (("--model", "wan-9"), "unknown model 'wan-9'"),
-    (("--image-size", "10"), "crepa_encoder_image_size=10 is invalid"),
+    (("--image-size", "10"), "--image-size 10 is invalid"),
+    (("--encoder-path", "nope"), "--encoder-path 'nope' is invalid: valid is an existing local folder"),
+    (("--encoder", "./missing"), "--encoder './missing' is invalid"),
     (("--true-grid",), "--true-grid needs --model"),
 ])
 def test_bad_input_is_one_line_and_exit_2(setup, tmp_path, change, message):

@@ -1,3 +1,4 @@
+import warnings
 import json
 from pathlib import Path
 
@@ -89,3 +90,19 @@ def test_cache_tier_covers_both_components():
     with pytest.raises(CrepaConfigError, match="replaces both"):
         CrepaConfig(encoder_tier="cache", vae_tier="gpu", feature_cache="/tmp/f")
     assert CrepaConfig(encoder_tier="cache", vae_tier="cache", feature_cache="/tmp/f").vae_tier == "cache"
+
+
+def test_misspelled_keys_warn_once_with_the_closest_option(monkeypatch):
+    from crepa_mem import config as config_module
+
+    monkeypatch.setattr(config_module, "_WARNED", set())
+    data = {"crepa_enabled": True, "crepa_block_index": 8, "crepa_mem_encoder_teir": "stream", "crepa_lamda": 0.5}
+    with pytest.warns(config_module.UnknownKeyWarning) as seen:
+        CrepaConfig.from_dict(data)
+    messages = sorted(str(w.message) for w in seen)
+    assert len(messages) == 2
+    assert "did you mean crepa_lambda?" in messages[0] and "did you mean crepa_mem_encoder_tier?" in messages[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process: the second read is silent
+        CrepaConfig.from_dict(data)
+        CrepaConfig.from_dict({"crepa_other_typo": 1}, warn_unknown=False)

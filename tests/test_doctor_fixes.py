@@ -20,8 +20,9 @@ FIXTURES = Path(__file__).parent / "fixtures" / "doctor"
     (31.36, "rtx5090"),    # exactly one catalog card
     (139.81, "h200"),
     (79.19, "79.19GiB"),   # a100-80gb, h100-pcie, h100-sxm
-    (44.39, "l40s"),
-    (12.0, "12GiB"),       # no catalog card
+    (44.39, "44.39GiB"),   # l40s and a40 (both 46068 MiB)
+    (15.99, "rtx4080"),
+    (10.0, "10GiB"),       # no catalog card
 ])
 def test_gpu_argument(reported_gib, expected):
     assert gpu_argument(int(reported_gib * GiB), None) == expected

@@ -2,10 +2,12 @@
 import errno
 import gzip
 import os
+import stat
 
 import pytest
 
 from crepa_mem import fileio
+from crepa_mem.fileio import current_umask, respect_umask
 
 
 def test_atomic_write_replaces_whole_files_and_syncs_the_folder(tmp_path, monkeypatch):
@@ -57,3 +59,35 @@ def test_os_errors_are_one_line_naming_the_file(code, words):
 def test_other_os_errors_name_the_file_without_claiming_a_write():
     assert fileio.describe_os_error(OSError(errno.EIO, "Input/output error", "/x")) == \
         "cannot access '/x': Input/output error (errno 5)"
+
+
+# ------------------------------------------------------------------ the umask
+
+
+@pytest.fixture
+def umask_002():
+    old = os.umask(0o002)
+    yield
+    os.umask(old)
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_current_umask_reads_without_changing(umask_002):
+    assert current_umask() == 0o002
+    assert current_umask() == 0o002
+
+
+def test_store_entries_and_projector_follow_the_umask(tmp_path, umask_002):
+    from crepa_mem.integrations.wrap import save_projector
+    from crepa_mem.loss import build_projector
+    from crepa_mem.fileio import atomic_write
+
+    atomic_write(tmp_path / "entry.bin", b"x")
+    assert mode(tmp_path / "entry.bin") == 0o664  # mkstemp alone gives 0600
+    path = save_projector(build_projector(8, 4), tmp_path)
+    assert mode(path) == 0o664
+    os.umask(0o077)
+    assert mode(respect_umask(path)) == 0o600

@@ -140,7 +140,7 @@ def test_catalog_names_and_sizes(nvml):
     assert s.source == "size" and s.total_bytes == s.free_bytes == 24 * GiB
     assert devices.inspect_gpus("24GiB")[0].total_bytes == 24 * GiB
     with pytest.raises(ProfileNotFoundError, match="rtx4090"):
-        devices.inspect_gpus("rtx4080")
+        devices.inspect_gpus("rtx4099")
 
 
 def test_other_visible_gpus(nvml):

@@ -151,7 +151,7 @@ def test_unknown_names():
     with pytest.raises(ProfileNotFoundError, match="wan"):
         run(16, model="wann")
     with pytest.raises(ProfileNotFoundError, match="rtx4090"):
-        plan("wan", "rtx4080")
+        plan("wan", "rtx4099")
 
 
 @settings(max_examples=30, deadline=None)

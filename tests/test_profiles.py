@@ -119,7 +119,7 @@ def test_unknown_names_suggest_close_ones():
     with pytest.raises(ProfileNotFoundError, match="did you mean wan"):
         P.get_model("wann")
     with pytest.raises(ProfileNotFoundError, match="rtx4090"):
-        P.get_gpu("rtx4080")
+        P.get_gpu("rtx4099")
     with pytest.raises(ProfileNotFoundError, match="dinov2_vitg14"):
         P.get_encoder("dinov2_vitg15")
 
@@ -187,3 +187,23 @@ def test_profiles_import_no_torch():
             "print(','.join(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == ""
+
+
+@pytest.mark.parametrize("nvml_name,card,gib", [
+    ("NVIDIA L4", "l4", 22.49), ("NVIDIA A10G", "a10g", 22.49), ("NVIDIA L40S", "l40s", 44.99),
+    ("NVIDIA GeForce RTX 4080", "rtx4080", 15.99), ("NVIDIA GeForce RTX 4070 Ti", "rtx4070ti", 11.99),
+    ("NVIDIA RTX 6000 Ada Generation", "rtx6000-ada", 47.99), ("NVIDIA A40", "a40", 44.99)])
+def test_cards_people_train_on_resolve_from_their_nvml_names(nvml_name, card, gib):
+    from crepa_mem.profiles import get_gpu
+
+    g = get_gpu(nvml_name)
+    assert g.name == card and g.memory_bytes / 2**30 == pytest.approx(gib, abs=0.01) and g.bf16_tflops > 0
+
+
+def test_kandinsky5_default_shape_is_5_seconds_at_24_fps():
+    from crepa_mem.profiles import get_model
+
+    for name in ("kandinsky5-video-lite", "kandinsky5-video-pro"):
+        m = get_model(name)
+        assert (m.default_frames, m.default_height, m.default_width) == (121, 512, 768)
+        m.check_shape(m.default_frames, m.default_height, m.default_width)  # the VAE and patch grid accept it

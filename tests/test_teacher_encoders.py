@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from crepa_mem.teacher.encoders import hub_id_for, load_encoder
-from crepa_mem.errors import EncoderNotAvailableError
+from crepa_mem.errors import CrepaConfigError, EncoderNotAvailableError
 from crepa_mem.testing import tiny_dinov2
 
 
@@ -54,3 +54,34 @@ def test_an_unsafe_or_corrupt_pytorch_model_bin_is_one_line_and_never_runs(tmp_p
     with pytest.raises(EncoderNotAvailableError, match="pytorch_model.bin|cannot be loaded|no loadable weights") as err:
         load_encoder(str(folder))
     assert "\n" not in str(err.value) and not marker.exists()
+
+
+@pytest.mark.parametrize("name,path,key", [("dinov2_vitg14", "nope", "crepa_mem_encoder_path"),
+                                           ("./missing", None, "crepa_encoder"),
+                                           ("/no/such/folder", None, "crepa_encoder")])
+def test_a_local_folder_that_does_not_exist_is_bad_input_at_once(name, path, key, monkeypatch):
+    import huggingface_hub
+
+    def no_network(*a, **k):  # a local path must never be looked up on the hub
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    with pytest.raises(CrepaConfigError, match=f"{key}=.*existing local folder") as err:
+        load_encoder(name, path=path)
+    assert err.value.exit_code == 2
+
+
+def test_a_local_folder_loads_with_local_files_only(tmp_path, monkeypatch):
+    tiny_dinov2().save_pretrained(tmp_path / "enc")
+    seen = {}
+    from transformers import AutoModel
+
+    real = AutoModel.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.update(kwargs)
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModel, "from_pretrained", classmethod(spy))
+    load_encoder("dinov2_vits14", path=tmp_path / "enc")
+    assert seen["local_files_only"] is True

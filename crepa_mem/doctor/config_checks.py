@@ -53,13 +53,13 @@ def _option_findings(cfg: dict[str, Any]) -> list[Finding]:
         if key in ("crepa_mem_encoder_tier", "crepa_mem_vae_tier") and value == "cache":
             probe.update(crepa_mem_encoder_tier="cache", crepa_mem_vae_tier="cache")  # pairing: judged below
         try:
-            CrepaConfig.from_dict(probe)
+            CrepaConfig.from_dict(probe, warn_unknown=False)
         except CrepaConfigError as e:
             bad.add(key)
             out.append(_invalid(e))
     if not bad:
         try:
-            parsed = CrepaConfig.from_dict(crepa)
+            parsed = CrepaConfig.from_dict(crepa, warn_unknown=False)  # doctor reports them itself
         except CrepaConfigError as e:
             out.append(_invalid(e))
         else:

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
+from crepa_mem.fileio import respect_umask
 from crepa_mem.capture import BlockCapture, hidden_size_of, unwrap
 from crepa_mem.config import CrepaConfig
 from crepa_mem.errors import CrepaMemError
@@ -56,7 +57,7 @@ def save_projector(projector: nn.Module, directory: str | os.PathLike) -> Path:
     path = Path(directory) / PROJECTOR_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(projector_state_dict(projector), str(path), metadata={"format": "pt", "crepa_mem": "projector"})
-    return path
+    return respect_umask(path)  # safetensors writes 0600
 
 
 def load_projector(projector: nn.Module, directory_or_file: str | os.PathLike) -> None:
@@ -197,11 +198,26 @@ def _is_distributed_wrapper(model: nn.Module) -> bool:
     return bool(names & {"DistributedDataParallel", "FullyShardedDataParallel", "DeepSpeedEngine"})
 
 
+def _check_plan_fits_model(plan: Any, transformer: nn.Module) -> None:
+    """A plan's memory figures hold for its own model's width only: say so when it was made for another
+    model (a warning, not an error: its tiers and chunk still apply, as the example's --plan-model shows)."""
+    planned = getattr(getattr(plan, "model", None), "hidden_size", None)
+    if planned is None:
+        return
+    width = hidden_size_of(transformer)
+    if planned != width:
+        warnings.warn(f"the plan was made for {plan.model.name} ({planned} wide) but this transformer's blocks are "
+                      f"{width} wide: its memory figures do not hold here; plan the checkpoint you train "
+                      "(crepa_mem.plan('<its name>', gpu=...)). Its tiers and chunk are applied.",
+                      RuntimeWarning, stacklevel=3)
+
+
 def wrap(transformer: nn.Module, *, vae: nn.Module | None = None, encoder: nn.Module | None = None,
          config: CrepaConfig | Mapping[str, Any] | str | os.PathLike | None = None, plan: Any = None,
          feature_cache: str | os.PathLike | None = None, device: torch.device | str | None = None,
          max_train_steps: int | None = None) -> Crepa:
     """Attach CREPA to a stock diffusers video transformer (Wan, LTX-Video, Sana-Video, Kandinsky 5)."""
+    _check_plan_fits_model(plan, transformer)
     cfg = resolve_config(config, plan, feature_cache)
     if _is_distributed_wrapper(transformer):
         warnings.warn("crepa_mem.integrations.wrap was called on a model already wrapped by DDP/FSDP: the projector it registers "

@@ -24,6 +24,7 @@ from crepa_mem.units import GB, parse_size
 PCIE_LANE_GBPS = {1: 0.25, 2: 0.5, 3: 0.985, 4: 1.969, 5: 3.938, 6: 7.563}
 PCIE_EFFICIENCY = {1: 0.79, 2: 0.79, 3: 0.79, 4: 25 / 31.5, 5: 35 / 63, 6: 35 / 63}
 MAX_INDEX = 64  # "--gpu 3" is an index; "--gpu 4090" a catalog name
+MIN_CARD_BYTES, MAX_CARD_BYTES = 2**30, 4 * 2**40  # sizes outside are typos (100000TiB), not cards
 DEFAULT_GPU = "rtx4090"  # planned for when no GPU is found (the most common consumer training card)
 
 
@@ -242,11 +243,17 @@ def inspect_gpus(selector: str = "auto", *, profiles_dir=None, allow_torch: bool
     low = sel.lower()
     is_index = re.fullmatch(r"cuda:\d+", low) or (low.isdigit() and int(low) < MAX_INDEX)
     if low not in ("auto", "all") and not is_index:
+        if re.match(r"[-+]\s*\.?\d", low):
+            raise CrepaConfigError("--gpu", sel, valid="a positive size such as 24GiB, auto, an index or a catalog name")
         if low[:1].isdigit() and not low.isdigit():  # "24GB", "24GiB", "80g"
             try:
-                return [from_size(parse_size(sel), sel)]
+                size = parse_size(sel)
             except ValueError:
-                pass
+                size = None
+            if size is not None:
+                if not MIN_CARD_BYTES <= size <= MAX_CARD_BYTES:
+                    raise CrepaConfigError("--gpu", sel, valid="a card size from 1GiB to 4TiB, e.g. 24GiB")
+                return [from_size(size, sel)]
         return [from_catalog(sel, profiles_dir)]  # "rtx4090", "4090", or ProfileNotFoundError
     devices, why = _nvml_devices(profiles_dir)
     if not devices and allow_torch:
@@ -254,8 +261,10 @@ def inspect_gpus(selector: str = "auto", *, profiles_dir=None, allow_torch: bool
         why = why if devices else f"{why}; {why2}"
     _LAST_WHY[0] = why
     if not devices:
-        if is_index:
-            raise CrepaConfigError("--gpu", sel, valid=f"auto, a catalog name or a size such as 24GB: {why}")
+        if is_index:  # a bare "24" is more often a size without its unit than a GPU index
+            unit = f"a size with its unit ({sel}GiB), " if low.isdigit() else ""
+            raise CrepaConfigError("--gpu", sel, valid=f"{unit}auto or a catalog name; no GPU index {sel} here "
+                                                        f"({why})")
         return []
     visible, note = _visible(devices) if devices[0].source == "nvml" else (devices, "")
     if note:

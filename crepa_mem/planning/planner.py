@@ -11,6 +11,8 @@ any fitting candidate, more free memory can never give a lower level (a lower-qu
 """
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -235,6 +237,8 @@ def plan(model: str | ModelProfile, gpu: str | DeviceInfo = "auto", *, frames: i
         raise CrepaConfigError("train_gib", train_gib, valid="a number of GiB ≥ 0")
     m.check_shape(frames, height, width)
     dev = gpu if isinstance(gpu, DeviceInfo) else resolve_gpu(gpu, profiles_dir=profiles_dir)
+    if dev.source == "catalog" and dev.note.startswith("no GPU found"):  # the CLI prints it as a note
+        warnings.warn(f"crepa_mem.plan(gpu={gpu!r}): {dev.note}", RuntimeWarning, stacklevel=2)
     others = other_visible_gpus(dev, profiles_dir=profiles_dir) if teacher_gpus is None else teacher_gpus
     roomy = [d for d in others if d.cuda_index is not None]
     if not dev.total_bytes or dev.total_bytes <= 0:

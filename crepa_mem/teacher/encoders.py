@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from crepa_mem.errors import CrepaMemError, EncoderNotAvailableError
+from crepa_mem.errors import CrepaConfigError, CrepaMemError, EncoderNotAvailableError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -25,6 +25,26 @@ def hub_id_for(name: str) -> str:
     return get_encoder(name).hub_id
 
 
+def _looks_like_path(name: str) -> bool:
+    """'./dino', '../w', '/models/dino', '~/dino': a folder, never a hub id ('facebook/dinov2-giant')."""
+    return name.startswith(("./", "../", "/", "~", ".\\")) or name in (".", "..")
+
+
+def local_encoder_dir(name: str, path: str | os.PathLike | None = None) -> Path | None:
+    """The local folder to load from (`path`, or a `name` that is a path), None for a name or hub id.
+    A local folder that does not exist is bad input (CrepaConfigError, exit 2), found before any loading."""
+    if path:
+        key, given = "crepa_mem_encoder_path", Path(path).expanduser()
+    elif _looks_like_path(str(name)) or Path(str(name)).is_dir():
+        key, given = "crepa_encoder", Path(str(name)).expanduser()
+    else:
+        return None
+    if not given.is_dir():
+        raise CrepaConfigError(key, str(path or name), valid="an existing local folder with the encoder's "
+                               "config.json and weights (from save_pretrained or `huggingface-cli download`)")
+    return given
+
+
 def load_encoder(name: str, *, path: str | os.PathLike | None = None, dtype: str = "fp32") -> nn.Module:
     """A frozen transformers DINOv2 (with or without registers), eval mode, in `dtype`, on the CPU.
 
@@ -33,7 +53,7 @@ def load_encoder(name: str, *, path: str | os.PathLike | None = None, dtype: str
     """
     from transformers import AutoModel
 
-    source = Path(path) if path else (Path(name) if Path(name).is_dir() else None)
+    source = local_encoder_dir(name, path)
     try:
         if source is None:
             # Resolve the cached snapshot ourselves: from_pretrained with a hub id can still reach
@@ -42,7 +62,8 @@ def load_encoder(name: str, *, path: str | os.PathLike | None = None, dtype: str
 
             hub_id = hub_id_for(name)
             source = Path(snapshot_download(hub_id, local_files_only=True))
-        model = AutoModel.from_pretrained(str(source), dtype=DTYPES[dtype])
+        # local_files_only: a local folder never reaches for the network (no retries, no timeouts)
+        model = AutoModel.from_pretrained(str(source), dtype=DTYPES[dtype], local_files_only=True)
     except (OSError, ValueError) as err:
         where = str(source) if source is not None else f"{hub_id_for(name)} in the Hugging Face cache ({_hub_cache()})"
         raise EncoderNotAvailableError(

@@ -318,8 +318,28 @@ def expected_steps(workload: Workload, settings: TeacherSettings) -> int:
     per_frame = VAE_CONFIGS[p.vae.name][0] == "AutoencoderKLWan"  # decodes one latent frame per call
     decode = s["latent_frames"] if per_frame else 1
     sel = workload.batch * s["dit_frames"]
-    cand = 0 if settings.feature_cache else decode + (math.ceil(sel / settings.chunk) if settings.chunk else 1)
+    cand_decode = decode * _tiles(workload, settings)
+    cand = 0 if settings.feature_cache else cand_decode + (math.ceil(sel / settings.chunk) if settings.chunk else 1)
     return decode + 1 + cand
+
+
+# diffusers' tiling defaults (tile_sample_min, tile_sample_stride) for the VAEs that tile per decoder call
+_TILE_DEFAULTS = {"AutoencoderKLWan": (256, 192), "AutoencoderKLLTXVideo": (512, 448)}
+
+
+def _tiles(workload: Workload, settings: TeacherSettings) -> int:
+    """Decoder calls per decode step under tiling: diffusers' tiled_decode calls the decoder once per tile."""
+    cls = VAE_CONFIGS[workload.profile().vae.name][0]
+    if not settings.vae_tiling or cls not in _TILE_DEFAULTS:
+        return 1
+    size, stride = _TILE_DEFAULTS[cls]
+    if settings.vae_tile_size:
+        size, stride = settings.vae_tile_size, settings.vae_tile_size * 3 // 4
+    sc = workload.profile().vae.spatial_compression
+    (h, w), tile, step = (workload.height // sc, workload.width // sc), size // sc, max(1, stride // sc)
+    if h <= tile and w <= tile:
+        return 1
+    return len(range(0, h, step)) * len(range(0, w, step))
 
 
 __all__ = ["Workload", "TeacherSettings", "TraceResult", "trace_baseline", "trace_candidate", "compare",
