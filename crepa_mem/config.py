@@ -16,6 +16,7 @@ from typing import Any, Mapping
 from crepa_mem.errors import CrepaConfigError
 
 TIERS = ("gpu", "swap", "stream", "device", "cache")
+AUTO_TIER = "auto"  # chosen at the first teacher step from the memory free then (crepa_mem.integrations.auto)
 ENCODER_DTYPES = ("fp32", "bf16", "fp16")
 SCHEDULERS = ("constant", "linear", "cosine", "polynomial")
 THRESHOLD_MODES = ("permanent", "recoverable")
@@ -80,9 +81,11 @@ class CrepaConfig:
 
     # crepa-mem's own options
     encoder_tier: str = field(default="gpu", metadata=_key("encoder_tier", mem=True))
-    """crepa_mem_encoder_tier: where DINOv2 lives and runs: gpu, swap, stream, device, cache."""
+    """crepa_mem_encoder_tier: where DINOv2 lives and runs: gpu, swap, stream, device, cache, or auto."""
     vae_tier: str = field(default="gpu", metadata=_key("vae_tier", mem=True))
-    """crepa_mem_vae_tier: where the VAE lives and runs: gpu, swap, stream, device, cache."""
+    """crepa_mem_vae_tier: where the VAE lives and runs: gpu, swap, stream, device, cache, or auto."""
+    allow_lossy: bool = field(default=False, metadata=_key("allow_lossy", mem=True))
+    """crepa_mem_allow_lossy: `auto` and the OOM ladder may take lossy rungs (bf16 encoder, pooled alignment)."""
     stream_engine: str = field(default="group_offload", metadata=_key("stream_engine", mem=True))
     """crepa_mem_stream_engine: the encoder's `stream` engine: group_offload (diffusers) or ramtorch."""
     stream_resident_chunks: int = field(default=0, metadata=_key("stream_resident_chunks", mem=True))
@@ -95,6 +98,9 @@ class CrepaConfig:
     """crepa_mem_teacher_device: the other device of the `device` tier ("cpu", "cuda:1"); default cpu."""
     encoder_dtype: str = field(default="fp32", metadata=_key("encoder_dtype", mem=True))
     """crepa_mem_encoder_dtype: fp32 (SimpleTuner), bf16 or fp16."""
+    reset_peak_stats: bool = field(default=False, metadata=_key("reset_peak_stats", mem=True))
+    """crepa_mem_reset_peak_stats: debug: reset CUDA's peak statistics at each teacher step (exact teacher peak,
+    but a trainer's own max_memory_allocated then only sees the time since the teacher step)."""
     vae_tiling: bool = field(default=False, metadata=_key("vae_tiling", mem=True))
     """crepa_mem_vae_tiling: spatial tiling of the VAE decode (vae.enable_tiling)."""
     vae_tile_size: int | None = field(default=None, metadata=_key("vae_tile_size", mem=True))
@@ -168,6 +174,11 @@ class CrepaConfig:
     @property
     def backbone_mode(self) -> bool:
         return self.use_backbone_features or self.feature_source == "backbone"
+
+    @property
+    def auto_tiers(self) -> bool:
+        """A tier is `auto`: the teacher is placed at the first teacher step."""
+        return AUTO_TIER in (self.encoder_tier, self.vae_tier)
 
     @property
     def frames_per_chunk(self) -> int | None:
@@ -272,8 +283,9 @@ def _validate(c: CrepaConfig) -> None:
     need(finite(c.similarity_ema_decay) and 0 <= c.similarity_ema_decay <= 1,
          "crepa_similarity_ema_decay", c.similarity_ema_decay, "a number in [0, 1]")
     need(c.threshold_mode in THRESHOLD_MODES, "crepa_threshold_mode", c.threshold_mode, " · ".join(THRESHOLD_MODES))
-    need(c.encoder_tier in TIERS, "crepa_mem_encoder_tier", c.encoder_tier, " · ".join(TIERS))
-    need(c.vae_tier in TIERS, "crepa_mem_vae_tier", c.vae_tier, " · ".join(TIERS))
+    tiers = (*TIERS, AUTO_TIER)
+    need(c.encoder_tier in tiers, "crepa_mem_encoder_tier", c.encoder_tier, " · ".join(tiers))
+    need(c.vae_tier in tiers, "crepa_mem_vae_tier", c.vae_tier, " · ".join(tiers))
     need(c.stream_engine in STREAM_ENGINES, "crepa_mem_stream_engine", c.stream_engine, " · ".join(STREAM_ENGINES))
     need(c.stream_resident_chunks >= 0, "crepa_mem_stream_resident_chunks", c.stream_resident_chunks, "an integer ≥ 0")
     need(c.stream_nvme_path is None or c.stream_engine == "ramtorch", "crepa_mem_stream_nvme_path",

@@ -4,6 +4,7 @@ Legend: B batch, T' DiT frames, P DiT tokens per frame, D width.
 """
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import warnings
@@ -16,9 +17,15 @@ from crepa_mem.config import CrepaConfig
 from crepa_mem.errors import CrepaConfigError, ShapeError
 from crepa_mem.loss import (LambdaSchedule, align_temporal, align_tokens, build_projector, frame_similarity,
                    per_video_objective, project)
-from crepa_mem.teacher.path import TeacherFeatures, TeacherPath, encoder_dim
-from crepa_mem.teacher.tiers import place
-from crepa_mem.teacher.vae import prepare_vae
+from crepa_mem.teacher.ladder import TeacherRunner, measured
+from crepa_mem.teacher.path import TeacherFeatures, encoder_dim
+
+
+_logger = logging.getLogger("crepa_mem")
+
+
+def _log_decision(line: str) -> None:
+    _logger.info(line)
 
 
 def default_device() -> torch.device:
@@ -30,7 +37,8 @@ class CrepaRegularizer:
 
     def __init__(self, config: CrepaConfig | Mapping[str, Any], hidden_size: int, encoder: nn.Module | None = None,
                  vae: nn.Module | None = None, *, device: torch.device | str | None = None, plan: Any = None,
-                 max_train_steps: int | None = None, teacher: Any = None):
+                 max_train_steps: int | None = None, teacher: Any = None, tier_policy: Any = None,
+                 memory_probe: Any = None):
         cfg = config if isinstance(config, CrepaConfig) else CrepaConfig.from_dict(config)
         if plan is not None:
             cfg = plan.to_config(cfg)
@@ -55,23 +63,11 @@ class CrepaRegularizer:
                 from crepa_mem.teacher.encoders import load_encoder
 
                 encoder = load_encoder(cfg.encoder, path=cfg.encoder_path, dtype=cfg.encoder_dtype)
-            from crepa_mem.teacher.encoders import DTYPES
-
             encoder.eval().requires_grad_(False)
             dim = encoder_dim(encoder)
-            enc_place = place(encoder, cfg.encoder_tier, compute_device=self.device,
-                              teacher_device=cfg.teacher_device, dtype=DTYPES[cfg.encoder_dtype],
-                              stream_engine=cfg.stream_engine, resident_chunks=cfg.stream_resident_chunks,
-                              nvme_path=cfg.stream_nvme_path)
-            if cfg.host_share_path:  # one host copy per node: every local rank maps the same file
-                from crepa_mem.teacher.host_share import map_host_copy
-
-                map_host_copy(encoder, cfg.host_share_path)
-            vae_place = None if vae is None else place(prepare_vae(vae, cfg), cfg.vae_tier, compute_device=self.device,
-                                                        teacher_device=cfg.teacher_device)
-            self.teacher = TeacherPath(vae=vae_place, encoder=enc_place, image_size=cfg.encoder_image_size,
-                                       compute_device=self.device, frames_per_chunk=cfg.frames_per_chunk,
-                                       true_grid=cfg.true_grid)
+            # tier_policy (crepa_mem.integrations.auto): `auto` tiers at the first step, a ladder on OOM
+            self.teacher = TeacherRunner(cfg, encoder=encoder, vae=vae, compute_device=self.device, policy=tier_policy,
+                                         probe=memory_probe, on_decision=_log_decision)
         self.encoder_dim = dim
         self.projector = build_projector(hidden_size, dim).to(self.device)
         self.schedule = LambdaSchedule(
@@ -113,9 +109,11 @@ class CrepaRegularizer:
                                  f"{tuple(hidden_states.shape)}: expected latents (B, C, T, h, w) with the same B")
             if self.teacher is None:
                 raise ValueError("no teacher: backbone mode needs frame_features, otherwise pass an encoder/VAE")
-            result: TeacherFeatures = self._teacher_features(latents, projected.shape[1], dit_grid)
+            result: TeacherFeatures = self._teacher_features(latents, projected.shape[1], dit_grid, step,
+                                                             projected.shape[2] if projected.ndim == 4 else None)
             features, teacher_grid = result.features.to(device).float(), result.grid
             facts = {f"crepa_teacher_{k}": v for k, v in result.stats.items()}
+            cfg = self.config  # an auto decision or a lossy rung (pooled alignment) may have changed it
         # An fp16 overflow step (GradScaler skips it) or a bad teacher input: no loss, and the schedule's
         # EMA never sees the NaN, so the cutoff still works for the rest of the run.
         bad = [name for name, t in (("hidden states", projected), ("teacher features", features))
@@ -161,12 +159,14 @@ class CrepaRegularizer:
             self._warned_nonfinite = True
         return None, {"crepa_skipped": True, **facts}
 
-    def _teacher_features(self, latents: Tensor, target_frames: int, dit_grid) -> TeacherFeatures:
-        cuda = self.device.type == "cuda"
-        if cuda:  # note: this resets CUDA's peak-memory statistics at the start of every teacher step
-            torch.cuda.reset_peak_memory_stats(self.device)
-            before = torch.cuda.memory_allocated(self.device)
-        result = self.teacher.features(latents, target_frames, dit_grid)
+    def _teacher_features(self, latents: Tensor, target_frames: int, dit_grid, step: int = 0,
+                          dit_tokens: int | None = None) -> TeacherFeatures:
+        if isinstance(self.teacher, TeacherRunner):  # measures its own peak (without resetting CUDA's statistics)
+            result = self.teacher.features(latents, target_frames, dit_grid, step=step, dit_tokens_per_frame=dit_tokens)
+            self.config = self.teacher.config
+        else:
+            result = measured(self.device, self.config.reset_peak_stats,
+                              lambda: self.teacher.features(latents, target_frames, dit_grid))
         for part in ("encoder", "vae"):  # a feature-cache teacher has neither attribute; a TeacherPath may lack a VAE
             placed = getattr(self.teacher, part, None)
             if placed is not None:  # tier, device, and the tier's own facts (pinned host memory, stream engine)
@@ -174,8 +174,6 @@ class CrepaRegularizer:
                     result.stats.setdefault(f"{part}_{key}", value)
             else:
                 result.stats.setdefault(f"{part}_tier", "none" if hasattr(self.teacher, part) else "cache")
-        if cuda:
-            result.stats["peak_bytes"] = int(torch.cuda.max_memory_allocated(self.device) - before)
         return result
 
     def close(self) -> None:

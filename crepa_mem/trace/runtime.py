@@ -39,8 +39,9 @@ FAKE_GPU = torch.device("cuda", 0)
 class LiveBytes(TorchDispatchMode):
     """Sums the bytes of live storages per device; keeps the peak per device and per phase."""
 
-    def __init__(self) -> None:
+    def __init__(self, budget: dict[str, int] | None = None) -> None:
         super().__init__()
+        self.budget = dict(budget or {})  # device → bytes: a simulated card; passing it raises OutOfMemoryError
         self.live: dict[str, int] = defaultdict(int)
         self.peak: dict[str, int] = defaultdict(int)
         self._refs: dict[int, weakref.ref] = {}
@@ -54,6 +55,9 @@ class LiveBytes(TorchDispatchMode):
         if key in self._refs:
             return
         dev, n = str(t.device), st.nbytes()
+        if dev in self.budget and self.live[dev] + n > self.budget[dev]:  # checked before counting it
+            raise torch.OutOfMemoryError(f"simulated out of memory on {dev}: {self.live[dev]} B live + {n} B "
+                                         f"> budget {self.budget[dev]} B")
         self._add(dev, n)
         self._refs[key] = weakref.ref(st, lambda _r, key=key, dev=dev, n=n: self._gone(key, dev, n))
 
@@ -256,11 +260,12 @@ def _real_frame_selection() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def fake_gpu() -> Iterator[LiveBytes]:
-    """Run the block on fake tensors with a fake `cuda:0`; yields the byte counter."""
+def fake_gpu(budget_bytes: int | None = None) -> Iterator[LiveBytes]:
+    """Run the block on fake tensors with a fake `cuda:0`; yields the byte counter. With `budget_bytes`
+    the fake GPU has that much memory: an op whose output would pass it raises torch.OutOfMemoryError."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    tracker = LiveBytes()
+    tracker = LiveBytes(None if budget_bytes is None else {str(FAKE_GPU): budget_bytes})
     mode = FakeTensorMode(allow_non_fake_inputs=False)
     with _cuda_binding_shims(), _real_frame_selection(), mode, tracker, \
             _fused_attention_on_gpu(), torch.no_grad():
