@@ -67,7 +67,7 @@ class CrepaRegularizer:
             dim = encoder_dim(encoder)
             # tier_policy (crepa_mem.integrations.auto): `auto` tiers at the first step, a ladder on OOM
             self.teacher = TeacherRunner(cfg, encoder=encoder, vae=vae, compute_device=self.device, policy=tier_policy,
-                                         probe=memory_probe, on_decision=_log_decision)
+                                         probe=memory_probe, on_decision=_log_decision, hidden_size=hidden_size)
         self.encoder_dim = dim
         self.projector = build_projector(hidden_size, dim).to(self.device)
         self.schedule = LambdaSchedule(

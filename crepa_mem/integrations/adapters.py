@@ -100,8 +100,11 @@ class CrepaHooks:
         self.patch_size = tuple(int(p) for p in patch_size)
         self.config = cfg
         device = torch.device(device) if device is not None else training_device(transformer)
+        from crepa_mem.integrations.auto import AutoTiers, trainable_of  # `auto` tiers and the OOM ladder
+
         self.regularizer = CrepaRegularizer(cfg, int(hidden_size), encoder=encoder, vae=vae, device=device,
-                                            max_train_steps=max_train_steps)
+                                            max_train_steps=max_train_steps,
+                                            tier_policy=AutoTiers(trainable=trainable_of(transformer)))
         self.regularizer.projector.requires_grad_(True)
         transformer.crepa_projector = self.regularizer.projector
         self._capture = _BlockOutput(transformer, block_list[cfg.block_index])

@@ -134,7 +134,9 @@ class CrepaRegularizer:
         self.model_foundation = model_foundation
         self.max_train_steps = max_train_steps or None
         cfg = config_from_simpletuner(config)
-        self.crepa_config = plan.to_config(cfg) if plan is not None else cfg
+        from crepa_mem.integrations.wrap import resolve_config  # a Plan, or "auto" (tiers chosen at the first step)
+
+        self.crepa_config = resolve_config(cfg, plan)
         cfg = self.crepa_config
         if cfg.encoder_image_size < 64:
             logger.warning("crepa_encoder_image_size=%s is below 64 (accepted, as SimpleTuner does): a DINOv2 with "
@@ -180,10 +182,15 @@ class CrepaRegularizer:
     def _build(self) -> None:
         """The teacher (encoder on its tier) and schedule, around the projector (SimpleTuner keeps one
         assigned before attach_to_model, and computes with one assigned without it)."""
+        from crepa_mem.integrations.auto import AutoTiers, trainable_of  # `auto` tiers and the OOM ladder
         from crepa_mem.regularizer import CrepaRegularizer as Core
 
+        def trainable() -> tuple[int, int]:
+            return trainable_of(self._model)() if self._model is not None else (0, 0)
+
         self._regularizer = Core(self.crepa_config, self.hidden_size, encoder=self.encoder, vae=None,
-                                 device=self.device, max_train_steps=self.max_train_steps)
+                                 device=self.device, max_train_steps=self.max_train_steps,
+                                 tier_policy=AutoTiers(trainable=trainable))
         if self.projector is None:
             self.projector = self._regularizer.projector
         self._regularizer.projector = self.projector
@@ -259,18 +266,20 @@ class CrepaRegularizer:
     def _ensure_vae(self, vae: nn.Module | None) -> None:
         """SimpleTuner hands the VAE to every call (or offers it through model_foundation.get_vae());
         it is placed on its tier the first time, and again only if a different VAE arrives."""
+        from crepa_mem.teacher.ladder import TeacherRunner
         from crepa_mem.teacher.path import TeacherPath
 
         teacher = self._regularizer.teacher
-        if not isinstance(teacher, TeacherPath):  # a feature cache: no pixels needed
+        if not isinstance(teacher, (TeacherPath, TeacherRunner)):  # a feature cache: no pixels needed
             return
         if vae is None and self.model_foundation is not None and hasattr(self.model_foundation, "get_vae"):
             vae = self.model_foundation.get_vae()
+        known = teacher.vae_module if isinstance(teacher, TeacherRunner) else teacher.vae
         if vae is None:
-            if teacher.vae is not None:
+            if known is not None:
                 return
             raise ValueError("CREPA requires a VAE to decode latents back to pixel space.")
-        if teacher.vae is not None and self._vae_source is vae:
+        if known is not None and self._vae_source is vae:
             return
         from crepa_mem.teacher.tiers import place
         from crepa_mem.teacher.vae import prepare_vae
@@ -280,6 +289,9 @@ class CrepaRegularizer:
         # weights (or tiling, or dropping the encoder) works on a host copy of its own, never on SimpleTuner's.
         own = vae if (cfg.vae_tier == "gpu" and not cfg.vae_tiling and not cfg.drop_vae_encoder) else _host_copy(vae)
         self._vae_source = vae
+        if isinstance(teacher, TeacherRunner):  # placed on its tier (decided at the first step for `auto`)
+            teacher.set_vae(own)
+            return
         teacher.vae = place(prepare_vae(own, cfg), cfg.vae_tier, compute_device=self.device,
                             teacher_device=cfg.teacher_device)
 

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from crepa_mem.fileio import respect_umask
 from crepa_mem.capture import BlockCapture, hidden_size_of, unwrap
-from crepa_mem.config import CrepaConfig
-from crepa_mem.errors import CrepaMemError
+from crepa_mem.config import AUTO_TIER, CrepaConfig
+from crepa_mem.errors import CrepaConfigError, CrepaMemError
 from crepa_mem.regularizer import CrepaRegularizer
 from crepa_mem.teacher.placement import module_device
 
@@ -71,7 +71,11 @@ def resolve_config(config: CrepaConfig | Mapping[str, Any] | str | os.PathLike |
                    feature_cache: str | os.PathLike | None = None) -> CrepaConfig:
     """A config from what a trainer has (object, dict, file), with a plan's settings and a feature cache applied."""
     cfg = _as_config(config)
-    if plan is not None:
+    if isinstance(plan, str) and plan == AUTO_TIER:  # decided at the first teacher step (integrations.auto)
+        cfg = cfg.replace(encoder_tier=AUTO_TIER, vae_tier=AUTO_TIER)
+    elif isinstance(plan, str):
+        raise CrepaConfigError("plan", plan, valid='"auto" or a crepa_mem.plan(...) result')
+    elif plan is not None:
         cfg = plan.to_config(cfg)
     if feature_cache is not None:
         cfg = cfg.replace(feature_cache=str(feature_cache), encoder_tier="cache", vae_tier="cache")
@@ -215,8 +219,12 @@ def _check_plan_fits_model(plan: Any, transformer: nn.Module) -> None:
 def wrap(transformer: nn.Module, *, vae: nn.Module | None = None, encoder: nn.Module | None = None,
          config: CrepaConfig | Mapping[str, Any] | str | os.PathLike | None = None, plan: Any = None,
          feature_cache: str | os.PathLike | None = None, device: torch.device | str | None = None,
-         max_train_steps: int | None = None) -> Crepa:
-    """Attach CREPA to a stock diffusers video transformer (Wan, LTX-Video, Sana-Video, Kandinsky 5)."""
+         max_train_steps: int | None = None, tier_policy: Any = None, memory_probe: Any = None) -> Crepa:
+    """Attach CREPA to a stock diffusers video transformer (Wan, LTX-Video, Sana-Video, Kandinsky 5).
+
+    plan: a crepa_mem.plan(...) result, or "auto" (tiers chosen at the first teacher step from the memory
+    free then). Either way an OOM in the teacher step steps down the planner's ladder (`tier_policy`,
+    default crepa_mem.integrations.auto.AutoTiers; `memory_probe` replaces the CUDA reading, for tests)."""
     _check_plan_fits_model(plan, transformer)
     cfg = resolve_config(config, plan, feature_cache)
     if _is_distributed_wrapper(transformer):
@@ -233,8 +241,12 @@ def wrap(transformer: nn.Module, *, vae: nn.Module | None = None, encoder: nn.Mo
         teacher_block = cfg.teacher_block_index if cfg.teacher_block_index is not None else cfg.block_index
     capture = BlockCapture(transformer, cfg.block_index, teacher_block_index=teacher_block)
     try:
+        if tier_policy is None:
+            from crepa_mem.integrations.auto import AutoTiers, trainable_of
+
+            tier_policy = AutoTiers(trainable=trainable_of(base))
         reg = CrepaRegularizer(cfg, hidden_size_of(transformer), encoder=encoder, vae=vae, device=device,
-                               max_train_steps=max_train_steps)
+                               max_train_steps=max_train_steps, tier_policy=tier_policy, memory_probe=memory_probe)
     except BaseException:
         capture.remove()
         raise

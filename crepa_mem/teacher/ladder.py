@@ -79,6 +79,7 @@ class TeacherContext:
     device: torch.device
     reading: MemoryReading
     step: int = 0
+    hidden_size: int | None = None                 # the student block's width (the loss phase's size)
 
 
 class TeacherPolicy(Protocol):
@@ -117,6 +118,12 @@ def release(placement: Placement | None) -> None:
     move_module(placement.module, "cpu")
 
 
+def place_vae(vae: nn.Module, cfg: CrepaConfig, device: torch.device) -> Placement:
+    if not cfg.vae_tiling and getattr(vae, "use_tiling", False) and hasattr(vae, "disable_tiling"):
+        vae.disable_tiling()  # a rung without tiling after one with it (a lossy level restarts the knobs)
+    return place(prepare_vae(vae, cfg), cfg.vae_tier, compute_device=device, teacher_device=cfg.teacher_device)
+
+
 def build_path(encoder: nn.Module, vae: nn.Module | None, cfg: CrepaConfig, device: torch.device,
                on_chunk: Callable[[int], None] | None = None) -> TeacherPath:
     """The encoder and VAE placed on cfg's tiers, in a TeacherPath with cfg's chunk and image size."""
@@ -130,11 +137,7 @@ def build_path(encoder: nn.Module, vae: nn.Module | None, cfg: CrepaConfig, devi
         from crepa_mem.teacher.host_share import map_host_copy
 
         map_host_copy(encoder, cfg.host_share_path)
-    vae_place = None
-    if vae is not None:
-        if not cfg.vae_tiling and getattr(vae, "use_tiling", False) and hasattr(vae, "disable_tiling"):
-            vae.disable_tiling()  # a rung without tiling after one with it (a lossy level restarts the knobs)
-        vae_place = place(prepare_vae(vae, cfg), cfg.vae_tier, compute_device=device, teacher_device=cfg.teacher_device)
+    vae_place = None if vae is None else place_vae(vae, cfg, device)
     return TeacherPath(vae=vae_place, encoder=enc_place, image_size=cfg.encoder_image_size, compute_device=device,
                        frames_per_chunk=cfg.frames_per_chunk, true_grid=cfg.true_grid, on_chunk=on_chunk)
 
@@ -155,7 +158,8 @@ class TeacherRunner:
 
     def __init__(self, cfg: CrepaConfig, *, encoder: nn.Module, vae: nn.Module | None, compute_device,
                  policy: TeacherPolicy | None = None, probe: Probe | None = None,
-                 on_chunk: Callable[[int], None] | None = None, on_decision: Callable[[str], None] | None = None):
+                 on_chunk: Callable[[int], None] | None = None, on_decision: Callable[[str], None] | None = None,
+                 hidden_size: int | None = None):
         if cfg.auto_tiers and policy is None:
             raise CrepaConfigError("crepa_mem_encoder_tier" if cfg.encoder_tier == AUTO_TIER else "crepa_mem_vae_tier",
                                    AUTO_TIER, valid="gpu · swap · stream · device · cache here",
@@ -165,7 +169,7 @@ class TeacherRunner:
         self.config, self.policy, self.probe = cfg, policy, probe or cuda_reading
         self.encoder_module, self.vae_module = encoder, vae
         self.compute_device = torch.device(compute_device)
-        self.on_chunk, self.on_decision = on_chunk, on_decision
+        self.on_chunk, self.on_decision, self.hidden_size = on_chunk, on_decision, hidden_size
         self.record = LadderRecord()
         self._tried: list[CrepaConfig] = []
         self.path: TeacherPath | None = None if cfg.auto_tiers else build_path(encoder, vae, cfg, self.compute_device,
@@ -186,7 +190,7 @@ class TeacherRunner:
             release(self.path.vae)
         self.vae_module = vae
         if self.path is not None:
-            self.path = build_path(self.encoder_module, vae, self.config, self.compute_device, self.on_chunk)
+            self.path.vae = place_vae(vae, self.config, self.compute_device)
 
     def context(self, latents: Tensor, target_frames: int, dit_tokens: int | None, step: int) -> TeacherContext:
         reading = self.probe(self.compute_device)
@@ -194,7 +198,7 @@ class TeacherRunner:
                        if m is not None and module_device(m) == self.compute_device)
         reading = MemoryReading(**{**reading.to_dict(), "teacher_resident_bytes": resident})
         return TeacherContext(tuple(latents.shape), target_frames, dit_tokens, self.encoder_module, self.vae_module,
-                              self.compute_device, reading, step)
+                              self.compute_device, reading, step, self.hidden_size)
 
     def features(self, latents: Tensor, target_frames: int, dit_grid: tuple[int, int] | None = None, *,
                  step: int = 0, dit_tokens_per_frame: int | None = None) -> TeacherFeatures:
