@@ -159,7 +159,7 @@ class AutoTiers:
 
     def choose(self, cfg: CrepaConfig, ctx: TeacherContext) -> tuple[CrepaConfig, dict[str, Any]]:
         figures = self.budget(ctx)
-        rungs, *_ = self.rungs(cfg, ctx, self._gpu(ctx, figures))
+        rungs, model, _, shape = self.rungs(cfg, ctx, self._gpu(ctx, figures))
         if not rungs:
             raise ValueError("no teacher configuration is possible here (host RAM too small for swap/stream?)")
         f = format_bytes
@@ -178,7 +178,7 @@ class AutoTiers:
         summary = f"{rung_label(chosen)} (estimate {f(rung.peak_bytes)}{', lossy' if rung.lossy else ''})"
         line = f"crepa-mem auto{_rank()} on {ctx.device} at step {ctx.step}: {why}; chosen {summary}"
         return chosen, {"line": line, "summary": summary, "figures": figures, "settings": rung.settings,
-                        "estimate_bytes": rung.peak_bytes}
+                        "estimate_bytes": rung.peak_bytes, "model": model, "shape": shape}
 
     def step_down(self, cfg: CrepaConfig, ctx: TeacherContext, tried: list[CrepaConfig]) -> CrepaConfig | None:
         rungs, model, enc, shape = self.rungs(cfg, ctx, self._gpu(ctx, self.budget(ctx)), free_tiers=True)

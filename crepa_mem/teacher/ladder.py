@@ -137,7 +137,13 @@ def build_path(encoder: nn.Module, vae: nn.Module | None, cfg: CrepaConfig, devi
         from crepa_mem.teacher.host_share import map_host_copy
 
         map_host_copy(encoder, cfg.host_share_path)
-    vae_place = None if vae is None else place_vae(vae, cfg, device)
+    try:
+        vae_place = None if vae is None else place_vae(vae, cfg, device)
+    except BaseException:  # e.g. OOM moving the VAE in: leave nothing placed behind
+        release(enc_place)
+        if vae is not None:
+            move_module(vae, "cpu")
+        raise
     return TeacherPath(vae=vae_place, encoder=enc_place, image_size=cfg.encoder_image_size, compute_device=device,
                        frames_per_chunk=cfg.frames_per_chunk, true_grid=cfg.true_grid, on_chunk=on_chunk)
 
@@ -172,8 +178,15 @@ class TeacherRunner:
         self.on_chunk, self.on_decision, self.hidden_size = on_chunk, on_decision, hidden_size
         self.record = LadderRecord()
         self._tried: list[CrepaConfig] = []
-        self.path: TeacherPath | None = None if cfg.auto_tiers else build_path(encoder, vae, cfg, self.compute_device,
-                                                                             on_chunk)
+        self._pending: str | None = None  # an OOM while placing the configured tiers, stepped down at the first step
+        self.path: TeacherPath | None = None
+        if not cfg.auto_tiers:
+            try:  # placed now, so the modules are where the configuration says from the start
+                self.path = build_path(encoder, vae, cfg, self.compute_device, on_chunk)
+            except _OOM as err:
+                if policy is None:
+                    raise
+                self._pending = _describe(err)
 
     # the TeacherPath surface the regularizer and the SimpleTuner drop-in read
     @property
@@ -202,17 +215,23 @@ class TeacherRunner:
 
     def features(self, latents: Tensor, target_frames: int, dit_grid: tuple[int, int] | None = None, *,
                  step: int = 0, dit_tokens_per_frame: int | None = None) -> TeacherFeatures:
-        if self.path is None:
+        if self.record.decision is None and self.config.auto_tiers:
             self._decide(latents, target_frames, dit_tokens_per_frame, step)
+        if self._pending is not None:
+            failure, self._pending = self._pending, None
+            self._step_down(failure, latents, target_frames, dit_tokens_per_frame, step)
         while True:
             failure = None
             try:
+                if self.path is None:  # placing a rung can run out of memory too: it is part of the attempt
+                    self.path = build_path(self.encoder_module, self.vae_module, self.config, self.compute_device,
+                                           self.on_chunk)
                 result = measured(self.compute_device, self.config.reset_peak_stats,
                                   lambda: self.path.features(latents, target_frames, dit_grid))
             except _OOM as err:
                 if self.policy is None:  # no ladder: the path's own message (chunk back-off, doctor) stands
                     raise
-                failure = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+                failure = _describe(err)
             if failure is None:
                 return self._finish(result)
             # Outside the except block: the traceback (and the failed attempt's tensors) is gone.
@@ -228,22 +247,21 @@ class TeacherRunner:
             self.on_decision(decision["line"])
 
     def _apply(self, cfg: CrepaConfig) -> None:
+        """Take `cfg` for the run; its placement is made by the next attempt."""
+        self._release()
+        self.config = cfg
+
+    def _release(self) -> None:
         if self.path is not None:
             release(self.path.encoder)
             release(self.path.vae)
             self.path = None
         _free_device(self.compute_device)
-        self.config = cfg
-        self.path = build_path(self.encoder_module, self.vae_module, cfg, self.compute_device, self.on_chunk)
 
     def _step_down(self, failure: str, latents, target_frames, dit_tokens, step) -> None:
         self.record.tried.append(f"{rung_label(self.config)} ({failure})")
         self._tried.append(self.config)
-        if self.path is not None:  # the failed rung's weights leave the device before anything is measured
-            release(self.path.encoder)
-            release(self.path.vae)
-            self.path = None
-        _free_device(self.compute_device)
+        self._release()  # the failed rung's weights leave the device before anything is measured
         nxt = self.policy.step_down(self.config, self.context(latents, target_frames, dit_tokens, step),
                                     list(self._tried))
         if nxt is None:
@@ -282,6 +300,11 @@ def measured(device: torch.device, reset_peak_stats: bool, run: Callable[[], Tea
         result.stats["peak_bytes"] = int(peak - before)
         result.stats["peak_exact"] = bool(reset_peak_stats or peak > peak_before)
     return result
+
+
+def _describe(err: BaseException) -> str:
+    text = str(err).splitlines()[0][:200] if str(err) else ""
+    return f"{type(err).__name__}: {text}"
 
 
 def _free_device(device: torch.device) -> None:
