@@ -106,3 +106,12 @@ def test_misspelled_keys_warn_once_with_the_closest_option(monkeypatch):
         warnings.simplefilter("error")  # once per process: the second read is silent
         CrepaConfig.from_dict(data)
         CrepaConfig.from_dict({"crepa_other_typo": 1}, warn_unknown=False)
+
+
+def test_auto_tiers_and_lossy_rungs_are_options():
+    cfg = CrepaConfig.from_dict({"crepa_mem_encoder_tier": "auto", "--crepa_mem_vae_tier": "auto",
+                                 "crepa_mem_allow_lossy": "true"})
+    assert cfg.auto_tiers and cfg.allow_lossy and not CrepaConfig().auto_tiers
+    assert not CrepaConfig().allow_lossy and not CrepaConfig().reset_peak_stats
+    with pytest.raises(CrepaConfigError, match="crepa_mem_vae_tier='automatic'.*auto"):
+        CrepaConfig(vae_tier="automatic")

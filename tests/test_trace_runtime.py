@@ -45,3 +45,16 @@ def test_attention_runs_as_the_fused_gpu_kernel_not_the_math_path():
         scores = heads * length * length * 4  # what the math path would materialise (512 MiB)
         extra = b.peak_bytes() - before - out.untyped_storage().nbytes()
         assert 0 <= extra < scores / 1000
+
+
+def test_a_budget_makes_the_fake_gpu_run_out_of_memory_like_a_card():
+    import pytest
+
+    with fake_gpu(budget_bytes=8192) as b:
+        x = torch.empty(1024, device=FAKE_GPU)                  # 4 KiB: fits
+        with pytest.raises(torch.OutOfMemoryError, match="simulated out of memory on cuda:0"):
+            torch.empty(2048, device=FAKE_GPU)                  # 8 KiB more: does not
+        assert b.live_bytes() == 4096                           # the failed allocation was never counted
+        del x
+        torch.empty(2048, device=FAKE_GPU)                      # freed memory is usable again
+        torch.empty(10**6)                                      # the host has no budget
