@@ -66,7 +66,7 @@ def _root(version: Optional[bool] = typer.Option(None, "--version", callback=_ve
 
 
 # One module per command; each defines register(app: typer.Typer).
-COMMAND_MODULES = ["demo", "doctor", "cache", "plan", "gpus", "profiles", "trace"]
+COMMAND_MODULES = ["demo", "doctor", "cache", "plan", "gpus", "profiles", "trace", "bench"]
 
 for _name in COMMAND_MODULES:
     import_module(f"crepa_mem.cli.{_name}").register(app)

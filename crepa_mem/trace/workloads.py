@@ -70,19 +70,19 @@ DINOV2_CONFIGS: dict[str, dict] = {
 _DINOV2_COMMON = dict(mlp_ratio=4, image_size=518, patch_size=14, layerscale_value=1.0, layer_norm_eps=1e-6)
 
 
-def build_vae(name: str) -> torch.nn.Module:
-    """The named VAE on the meta device (no memory, no init)."""
+def build_vae(name: str, device: torch.device | str = "meta") -> torch.nn.Module:
+    """The named VAE on the meta device (no memory, no init), or with random weights on `device` (bench)."""
     import diffusers
 
     if name not in VAE_CONFIGS:
         raise CrepaConfigError("vae", name, valid=" · ".join(VAE_CONFIGS))
     cls, kwargs = VAE_CONFIGS[name]
-    with torch.device("meta"):
+    with torch.device(device):
         return getattr(diffusers, cls)(**kwargs).eval()
 
 
-def build_encoder(name: str) -> torch.nn.Module:
-    """A transformers DINOv2 (`_reg`: with 4 registers) on the meta device, SDPA attention."""
+def build_encoder(name: str, device: torch.device | str = "meta") -> torch.nn.Module:
+    """A transformers DINOv2 (`_reg`: with 4 registers) on the meta device (or random on `device`), SDPA attention."""
     from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
     from crepa_mem.config import canonical_encoder_name
@@ -95,7 +95,7 @@ def build_encoder(name: str) -> torch.nn.Module:
     kwargs = {**_DINOV2_COMMON, **DINOV2_CONFIGS[base]}
     cfg = Dinov2WithRegistersConfig(num_register_tokens=4, **kwargs) if registers else Dinov2Config(**kwargs)
     cfg._attn_implementation = "sdpa"  # what transformers picks on a GPU
-    with torch.device("meta"):
+    with torch.device(device):
         model = (Dinov2WithRegistersModel if registers else Dinov2Model)(cfg)
     return model.eval()
 
