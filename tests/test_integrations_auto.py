@@ -140,3 +140,51 @@ def test_a_budget_the_top_rung_does_not_fit_gives_the_unconstrained_loss_and_gra
     assert "chunk=all" not in logs["crepa_teacher_rung"] and logs["crepa_teacher_auto"]
     torch.testing.assert_close(loss, free_loss, rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(grad, free_grad, rtol=1e-6, atol=1e-8)
+
+
+# ------------------------------------------------------------------ the entry points take `auto`
+def test_wrap_plan_auto_decides_at_the_first_step_logs_once_and_keeps_it(caplog):
+    import logging
+
+    from crepa_mem import wrap
+    from crepa_mem.testing import tiny_transformer, tiny_transformer_inputs
+
+    model = tiny_transformer("wan")
+    crepa = wrap(model, vae=tiny_vae("wan"), encoder=tiny_dinov2(), device="cpu", plan="auto",
+                 config=CrepaConfig(enabled=True, block_index=1, encoder_image_size=70))
+    assert crepa.config.encoder_tier == crepa.config.vae_tier == "auto"
+    lat = torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with caplog.at_level(logging.INFO, logger="crepa_mem"):
+        for step in range(2):
+            model(**tiny_transformer_inputs("wan", model, latent_frames=3))
+            loss, logs = crepa(lat, step=step)
+            loss.backward()
+    lines = [r.getMessage() for r in caplog.records if "crepa-mem auto" in r.getMessage()]
+    assert len(lines) == 1 and "on cpu at step 0" in lines[0] and "chosen encoder=gpu vae=gpu" in lines[0]
+    assert logs["crepa_teacher_rung"].startswith("encoder=gpu vae=gpu") and logs["crepa_teacher_auto"]
+    assert crepa.config.encoder_tier == "gpu" and logs["crepa_teacher_ladder_steps"] == 0
+
+
+def test_plan_must_be_auto_or_a_plan():
+    from crepa_mem.errors import CrepaConfigError
+    from crepa_mem.integrations.wrap import resolve_config
+
+    with pytest.raises(CrepaConfigError, match="plan='fast'"):
+        resolve_config(None, "fast")
+
+
+def test_simpletuner_drop_in_takes_auto_tiers_from_its_config():
+    from accelerate import Accelerator
+
+    from crepa_mem.integrations.simpletuner import CrepaRegularizer
+    from crepa_mem.testing import tiny_transformer
+
+    config = {"crepa_enabled": True, "crepa_block_index": 1, "crepa_encoder_image_size": 70,
+              "crepa_mem_encoder_tier": "auto", "crepa_mem_vae_tier": "auto"}
+    reg = CrepaRegularizer(config, Accelerator(cpu=True), 32, encoder=tiny_dinov2())
+    reg.attach_to_model(tiny_transformer("wan"))
+    hidden = torch.randn(1, 3, 16, 32)
+    lat = torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    loss, logs = reg.compute_loss(hidden, lat, tiny_vae("wan"), step=0)
+    assert torch.isfinite(loss) and logs["crepa_teacher_rung"].startswith("encoder=gpu vae=gpu")
+    assert logs["crepa_teacher_vae_tier"] == "gpu"

@@ -108,7 +108,7 @@ def _handover(config: Any) -> str | None:
 class CrepaRegularizer:
     """SimpleTuner's `CrepaRegularizer(config, accelerator, hidden_size, *, model_foundation, max_train_steps)`.
 
-    Extra keywords (not in SimpleTuner): `plan` (a crepa_mem Plan for this rank's GPU) and `encoder` (an
+    Extra keywords (not in SimpleTuner): `plan` (a crepa_mem Plan for this rank's GPU, or "auto") and `encoder` (an
     already loaded DINOv2, e.g. in tests; otherwise it is loaded by name from the local cache).
     """
 
