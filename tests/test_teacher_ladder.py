@@ -67,7 +67,7 @@ def test_an_oom_steps_down_frees_the_failed_rung_and_gives_the_same_features():
     out = runner.features(_lat(), 3)
     torch.testing.assert_close(out.features, want)
     assert out.stats["ladder_steps"] == 1 and runner.config == lower and runner.encoder.tier == "swap"
-    assert "encoder=stream" in runner.record.tried[0] and "injected" in runner.record.tried[0]
+    assert "encoder=stream" in runner.record.tried[0] and "VAE decode" in runner.record.tried[0]
     assert getattr(enc, "_diffusers_hook", None) is None or enc._diffusers_hook.get_hook("group_offloading") is None
 
 

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from crepa_mem.config import AUTO_TIER, CrepaConfig
 from crepa_mem.errors import CrepaConfigError, TeacherOutOfMemoryError
 from crepa_mem.teacher.encoders import DTYPES
-from crepa_mem.teacher.path import TeacherFeatures, TeacherPath
+from crepa_mem.teacher.path import TeacherFeatures, TeacherPath, _is_oom
 from crepa_mem.teacher.placement import Placement, module_bytes, module_device, move_module
 from crepa_mem.teacher.tiers import place
 from crepa_mem.teacher.vae import prepare_vae
@@ -149,7 +149,9 @@ def build_path(encoder: nn.Module, vae: nn.Module | None, cfg: CrepaConfig, devi
 
 
 # ------------------------------------------------------------------ running
-_OOM = (torch.OutOfMemoryError, TeacherOutOfMemoryError)
+def _out_of_memory(err: BaseException) -> bool:
+    """The path's own OOM error, torch's, or the RuntimeErrors CUDA/cuBLAS raise for the same thing."""
+    return isinstance(err, TeacherOutOfMemoryError) or _is_oom(err)
 
 
 @dataclass
@@ -183,8 +185,8 @@ class TeacherRunner:
         if not cfg.auto_tiers:
             try:  # placed now, so the modules are where the configuration says from the start
                 self.path = build_path(encoder, vae, cfg, self.compute_device, on_chunk)
-            except _OOM as err:
-                if policy is None:
+            except Exception as err:  # noqa: BLE001 - only out-of-memory is stepped down
+                if policy is None or not _out_of_memory(err):
                     raise
                 self._pending = _describe(err)
 
@@ -228,8 +230,8 @@ class TeacherRunner:
                                            self.on_chunk)
                 result = measured(self.compute_device, self.config.reset_peak_stats,
                                   lambda: self.path.features(latents, target_frames, dit_grid))
-            except _OOM as err:
-                if self.policy is None:  # no ladder: the path's own message (chunk back-off, doctor) stands
+            except Exception as err:  # noqa: BLE001 - only out-of-memory is stepped down
+                if self.policy is None or not _out_of_memory(err):  # no ladder: the path's own message stands
                     raise
                 failure = _describe(err)
             if failure is None:
