@@ -17,7 +17,7 @@ from dataclasses import MISSING, dataclass, fields
 from typing import Any, Mapping
 
 from crepa_mem import config as config_module
-from crepa_mem.config import ENCODER_DTYPES, TIERS, CrepaConfig
+from crepa_mem.config import AUTO_TIER, ENCODER_DTYPES, TIERS, CrepaConfig
 
 SIMPLETUNER_VERSION = "4.10.1"
 
@@ -32,7 +32,8 @@ SIMPLETUNER_KEYS = frozenset({
 })
 """The crepa_*/irepa_* options SimpleTuner 4.10.1's parser registers."""
 
-_CHOICES = {"crepa_mem_encoder_tier": TIERS, "crepa_mem_vae_tier": TIERS, "crepa_mem_encoder_dtype": ENCODER_DTYPES}
+_CHOICES = {"crepa_mem_encoder_tier": (*TIERS, AUTO_TIER), "crepa_mem_vae_tier": (*TIERS, AUTO_TIER),
+            "crepa_mem_encoder_dtype": ENCODER_DTYPES}
 _EXTRA_HELP = {  # keys SimpleTuner's class reads but its parser does not register
     "crepa_model": "CREPA encoder name, read before crepa_encoder (SimpleTuner reads it; crepa-mem registers it).",
     "crepa_cumulative_neighbors": "CREPA: use every neighbour offset 1..d instead of exactly d.",
