@@ -108,6 +108,8 @@ def release(placement: Placement | None) -> None:
     """Undo a placement: stream hooks removed, every weight back on the host (frees the device)."""
     if placement is None:
         return
+    if hasattr(placement, "close"):  # RamTorch's engine: its loader threads and NVMe scratch file go with it
+        placement.close()
     streamed = getattr(placement, "streamed", None)
     if streamed is not None:  # diffusers group offloading: its hooks hold the onload/offload logic
         from diffusers.hooks import HookRegistry
