@@ -21,6 +21,7 @@ from typing import Any
 
 from crepa_mem.config import AUTO_TIER, CrepaConfig
 from crepa_mem.planning import estimate as est
+from crepa_mem.planning import host as hosts
 from crepa_mem.planning import planner as pl
 from crepa_mem.planning.devices import DeviceInfo
 from crepa_mem.profiles import EncoderProfile, ModelProfile
@@ -82,7 +83,7 @@ def ladder(model: ModelProfile, encoder: EncoderProfile, cfg: CrepaConfig, *, gp
     """Every runtime configuration, best first (see the module docstring). `cfg`'s tiers that are not
     `auto` stay fixed; `encoder` is the profile of the run's encoder (its name is cfg.encoder)."""
     ctx = pl._Ctx(model, gpu, frames, height, width, batch, budget=1 << 62,
-                  host_ram=pl._host_ram() if host_ram_bytes is None else host_ram_bytes, others={}, headroom=0.0)
+                  host=hosts.read_host(ram_bytes=host_ram_bytes), others={}, headroom=0.0)
     ctx.encoders[cfg.encoder] = encoder
     total_frames = batch * min(frames, model.latent_frames(frames))
     fixed = {k: v for k, v in (("encoder_tier", cfg.encoder_tier), ("vae_tier", cfg.vae_tier)) if v != AUTO_TIER}
