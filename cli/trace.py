@@ -55,6 +55,8 @@ def register(app: typer.Typer) -> None:
                                             "on the GPU (RamTorch's pin)."),
         feature_cache: bool = typer.Option(False, "--feature-cache", help="Candidate: features read from a "
                                            "feature cache (no VAE, no encoder on the GPU)."),
+        loss_chunk: Optional[int] = typer.Option(None, "--loss-chunk", help="Candidate: DiT frames per loss "
+                                                 "chunk, recomputed in backward (default: all at once)."),
         as_json: bool = typer.Option(False, "--json", help="Print exactly the report dict."),
     ) -> None:
         """Trace the teacher's compute-device peak: SimpleTuner's recipe vs the candidate settings."""
@@ -71,6 +73,9 @@ def register(app: typer.Typer) -> None:
         _choice("--vae-dtype", vae_dtype, DTYPES)
         if chunk is not None and chunk < 1:
             fail(f"--chunk {chunk} is invalid: valid is an integer ≥ 1 (omit it for all frames at once)", EXIT_USAGE)
+        if loss_chunk is not None and loss_chunk < 1:
+            fail(f"--loss-chunk {loss_chunk} is invalid: valid is an integer ≥ 1 (omit it for all frames at once)",
+                 EXIT_USAGE)
         if image_size < 14 or image_size % 14:
             fail(f"--image-size {image_size} is invalid: valid is a multiple of 14 (e.g. 224, 518)", EXIT_USAGE)
         profile = get_model(model)
@@ -84,7 +89,8 @@ def register(app: typer.Typer) -> None:
         settings = TeacherSettings(encoder_tier=encoder_tier, vae_tier=vae_tier, chunk=chunk,
                                    encoder_dtype=encoder_dtype, vae_tiling=vae_tiling, vae_tile_size=vae_tile_size,
                                    drop_vae_encoder=drop_vae_encoder, feature_cache=feature_cache,
-                                   stream_engine=stream_engine, resident_chunks=resident_chunks)
+                                   stream_engine=stream_engine, resident_chunks=resident_chunks,
+                                   loss_chunk=loss_chunk)
         with _progress(expected_steps(workload, settings)) as step:
             base = trace_baseline(workload, progress=lambda what: step(f"baseline: {what}"))
             cand = trace_candidate(workload, settings, progress=lambda what: step(f"candidate: {what}"))

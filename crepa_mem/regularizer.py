@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 from crepa_mem.config import CrepaConfig
 from crepa_mem.errors import CrepaConfigError, ShapeError
-from crepa_mem.loss import (LambdaSchedule, align_temporal, align_tokens, build_projector, frame_similarity,
-                   per_video_objective, project)
+from crepa_mem.loss import (LambdaSchedule, align_temporal, align_tokens, build_projector, chunked_frame_scores,
+                   feature_side, frame_similarity, per_video_objective, project)
 from crepa_mem.teacher.path import TeacherFeatures, TeacherPath, encoder_dim
 from crepa_mem.teacher.tiers import place
 from crepa_mem.teacher.vae import prepare_vae
@@ -127,16 +127,24 @@ class CrepaRegularizer:
         if features.shape[0] != hidden_states.shape[0]:
             raise ShapeError(f"teacher features {tuple(features.shape)} and hidden states "
                              f"{tuple(hidden_states.shape)} have different batch sizes")
-        projected = project(self.projector, hidden_states.to(device))
-        projected, features = align_temporal(projected, features)
         grids = (dit_grid, teacher_grid) if (cfg.true_grid and dit_grid and teacher_grid) else (None, None)
-        projected, features = align_tokens(projected, features, spatial_align=cfg.spatial_align,
-                                           projected_grid=grids[0], feature_grid=grids[1])
-        p = nn.functional.normalize(projected, dim=-1)
-        y = nn.functional.normalize(features, dim=-1)
-        total, self_sim = frame_similarity(p, y, distance=cfg.adjacent_distance, tau=cfg.adjacent_tau,
-                                           cumulative=cfg.cumulative_neighbors,
-                                           normalize_neighbour_sum=cfg.normalize_neighbour_sum)
+        similarity = dict(distance=cfg.adjacent_distance, tau=cfg.adjacent_tau, cumulative=cfg.cumulative_neighbors,
+                          normalize_neighbour_sum=cfg.normalize_neighbour_sum)
+        if cfg.loss_chunk > 0:  # frame chunks recomputed in backward: one chunk's activations at a time
+            side = feature_side(features, tuple(hidden_states.shape), spatial_align=cfg.spatial_align,
+                                projected_grid=grids[0], feature_grid=grids[1])
+            del features  # the aligned, normalised copy is all the chunks need
+            total, self_sim = chunked_frame_scores(self.projector, hidden_states.to(device), side, cfg.loss_chunk,
+                                                   spatial_align=cfg.spatial_align, projected_grid=grids[0],
+                                                   feature_grid=grids[1], **similarity)
+        else:
+            projected = project(self.projector, hidden_states.to(device))
+            projected, features = align_temporal(projected, features)
+            projected, features = align_tokens(projected, features, spatial_align=cfg.spatial_align,
+                                               projected_grid=grids[0], feature_grid=grids[1])
+            p = nn.functional.normalize(projected, dim=-1)
+            y = nn.functional.normalize(features, dim=-1)
+            total, self_sim = frame_similarity(p, y, **similarity)
         objective = per_video_objective(total, cfg.normalize_by_frames)
         score = total.mean().detach().item()
         if not math.isfinite(score):

@@ -153,11 +153,14 @@ class TeacherSettings:
     feature_cache: bool = False
     stream_engine: str = "group_offload"  # the encoder's stream engine; ramtorch: its loader runs on this thread
     resident_chunks: int = 0
+    loss_chunk: int | None = None
 
     def __post_init__(self) -> None:
         self.config()  # validates every value with CrepaConfig's messages
         if self.chunk is not None and self.chunk < 1:
             raise CrepaConfigError("chunk", self.chunk, valid="an integer ≥ 1 (omit for all frames at once)")
+        if self.loss_chunk is not None and self.loss_chunk < 1:
+            raise CrepaConfigError("loss_chunk", self.loss_chunk, valid="an integer ≥ 1 (omit for all frames at once)")
         if "cache" in (self.encoder_tier, self.vae_tier) and not self.feature_cache:
             raise CrepaConfigError("tier", "cache", valid="gpu · swap · stream · device",
                                    hint="use --feature-cache to trace the feature cache")
@@ -167,7 +170,8 @@ class TeacherSettings:
                            encoder_frames_batch_size=self.chunk or -1, vae_tiling=self.vae_tiling,
                            vae_tile_size=self.vae_tile_size, drop_vae_encoder=self.drop_vae_encoder,
                            feature_cache="<traced>" if self.feature_cache else None,
-                           stream_engine=self.stream_engine, stream_resident_chunks=self.resident_chunks)
+                           stream_engine=self.stream_engine, stream_resident_chunks=self.resident_chunks,
+                           loss_chunk=self.loss_chunk or -1)
 
     def to_dict(self) -> dict:
         return asdict(self)
