@@ -29,7 +29,15 @@ stays on the CPU. Against `swap` this saves the decoder's weights minus its two 
 ≈0.9 GB for Wan 2.2, ≈0.8 GB for LTX 0.9.5, ≈0.2 GB for HunyuanVideo, ≈0.1 GB for Wan 2.1; see
 `stream_group_bytes`) but moves the decoder's weights once per decoder call: once per step for LTX
 and HunyuanVideo, once per latent frame (and per tile when tiled) for Wan, which the side stream
-hides only where decode compute per call outlasts the copy. `crepa-mem trace` measures the memory.
+hides only where decode compute per call outlasts the copy. `crepa-mem trace` measures the memory
+and the traffic (`h2d_bytes`: Wan 2.1 tiled at 81 × 480 × 832, 315 calls × 147 MB ≈ 46 GB per step).
+The decoder is not run block-major the way the encoder is: Wan's causal cache makes latent frame i's
+pass through a block depend on frame i−1's at that block, so block-major order would hold every latent
+frame's input to a block at once, the whole clip's activations at that block's resolution (≈0.3 GB
+per latent frame at the last up block at 480 × 832 in bf16, ≈6 GB for 21): the memory the decode
+phase exists to avoid. Its weights are small (Wan 2.1's decoder 147 MB in bf16), so where the traffic
+cannot hide behind the decode, `swap` keeps the decoder resident for its own phase only and moves it
+once per step; the planner weighs the two with `estimate.h2d_bytes` in its time model.
 """
 from __future__ import annotations
 
