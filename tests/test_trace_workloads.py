@@ -116,7 +116,9 @@ def test_mid_size_ratios():
     assert set(r) == {"baseline", "candidate", "ratio"} and r["candidate"]["settings"] == frugal.to_dict()
     assert r["ratio"] >= 4
     cache = trace_candidate(w, TeacherSettings(feature_cache=True))
-    assert r["baseline"]["peak_bytes"] / cache.peak_bytes >= 50
+    # the whole call: without teacher weights the loss phase (projector, its Adam states and backward) sets it
+    assert cache.peak_bytes == cache.loss_peak_bytes > cache.teacher_peak_bytes
+    assert r["baseline"]["peak_bytes"] / cache.peak_bytes >= 25
 
 
 def test_settings_and_workload_validate_with_one_line_errors():
