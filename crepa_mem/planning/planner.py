@@ -176,7 +176,6 @@ def _overhead(ctx: _Ctx, c: Candidate, e: est.Estimate, enc: EncoderProfile, w: 
     parts: dict[str, float] = {}
     for key, tier, weights, compute in (("crepa_mem_encoder_tier", c.encoder_tier, e.h2d.get("encoder", 0), enc_s),
                                         ("crepa_mem_vae_tier", c.vae_tier, e.h2d.get("vae", 0), vae_s)):
-        # e.h2d: bytes per step (a streamed Wan decoder moves its weights once per latent frame and tile)
         if tier == "swap":
             parts[key] = weights / h2d
         elif tier == "stream":  # prefetched: only the part of the copy that compute does not hide
