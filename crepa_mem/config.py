@@ -95,6 +95,8 @@ class CrepaConfig:
     """crepa_mem_teacher_device: the other device of the `device` tier ("cpu", "cuda:1"); default cpu."""
     encoder_dtype: str = field(default="fp32", metadata=_key("encoder_dtype", mem=True))
     """crepa_mem_encoder_dtype: fp32 (SimpleTuner), bf16 or fp16."""
+    loss_chunk: int = field(default=-1, metadata=_key("loss_chunk", mem=True))
+    """crepa_mem_loss_chunk: DiT frames per loss chunk, recomputed in backward (same loss); ≤ 0 → all at once."""
     vae_tiling: bool = field(default=False, metadata=_key("vae_tiling", mem=True))
     """crepa_mem_vae_tiling: spatial tiling of the VAE decode (vae.enable_tiling)."""
     vae_tile_size: int | None = field(default=None, metadata=_key("vae_tile_size", mem=True))

@@ -176,8 +176,8 @@ def _overhead(ctx: _Ctx, c: Candidate, e: est.Estimate, enc: EncoderProfile, w: 
     enc_s = encoder_seconds(ctx, enc, c.level)
     vae_s = vae_decode_seconds(ctx, False)
     parts: dict[str, float] = {}
-    for key, tier, weights, compute in (("crepa_mem_encoder_tier", c.encoder_tier, w["encoder"], enc_s),
-                                        ("crepa_mem_vae_tier", c.vae_tier, w["vae"], vae_s)):
+    for key, tier, weights, compute in (("crepa_mem_encoder_tier", c.encoder_tier, e.h2d.get("encoder", 0), enc_s),
+                                        ("crepa_mem_vae_tier", c.vae_tier, e.h2d.get("vae", 0), vae_s)):
         if tier == "swap":
             parts[key] = weights / h2d
         elif tier == "stream":  # prefetched: only the part of the copy that compute does not hide
@@ -352,7 +352,6 @@ def _explain(ctx: _Ctx, c: Candidate, e: est.Estimate, cost: dict[str, float], b
         reasons.append(f"{key}={value}: {why}; quality: {quality}; speed: {speed}")
 
     h2d = (g.h2d_bytes_per_s or DEFAULT_H2D) / 1e9
-    link = f"PCIe at ~{h2d:.0f} GB/s"
     if lv.encoder_dtype != "fp32":
         choice("crepa_mem_encoder_dtype", lv.encoder_dtype, "DINOv2 in bf16 instead of SimpleTuner's fp32 halves its "
                "weights and activations", "small: features differ from fp32 by ~1e-2 relative", "faster (tensor cores)")
@@ -371,15 +370,21 @@ def _explain(ctx: _Ctx, c: Candidate, e: est.Estimate, cost: dict[str, float], b
                "none for cached latents; augmentations after caching are not seen",
                f"no teacher compute per step, but each clip's ~{f(per_clip)} is read from disk and checksummed "
                f"(sha256, ~1 GB/s on one CPU core); one teacher pass over the dataset up front")
-    for key, tier, what, full in (("crepa_mem_vae_tier", c.vae_tier, "the VAE", e.components.get("vae_weights", 0)),
-                                  ("crepa_mem_encoder_tier", c.encoder_tier, "DINOv2",
-                                   e.components.get("encoder_weights", 0))):
+    gen = f"PCIe Gen{g.pcie_gen}" if g.pcie_gen else "PCIe"
+    for key, tier, what, full, side, compute in (
+            ("crepa_mem_vae_tier", c.vae_tier, "the VAE", e.components.get("vae_weights", 0), "vae",
+             vae_decode_seconds(ctx, c.tiling)),
+            ("crepa_mem_encoder_tier", c.encoder_tier, "DINOv2", e.components.get("encoder_weights", 0), "encoder",
+             encoder_seconds(ctx, enc, lv))):
+        moved = e.h2d.get(side, 0)
+        traffic = (f"{f(moved)} host → device per step, ≈{moved / (h2d * 1e9):.2f} s over {gen} at ~{h2d:.0f} GB/s "
+                   f"against ≈{compute:.2f} s of its compute")
         if tier == "swap":
-            choice(key, tier, f"{what} ({f(full)}) is on the GPU only during the teacher step, copied in over {link} "
-                   f"each step and dropped after")
+            choice(key, tier, f"{what} ({f(full)}) is on the GPU only during the teacher step, copied in each step "
+                   f"and dropped after: {traffic}")
         elif tier == "stream":
             choice(key, tier, f"{what} streamed block by block from pinned host memory ({f(full)} on the GPU at "
-                   f"once); copies overlap compute")
+                   f"once); prefetched copies hide behind compute where it is longer: {traffic}")
     if c.teacher_device:
         other = ctx.others[c.teacher_device]
         choice("crepa_mem_teacher_device", c.teacher_device, f"the teacher (VAE + DINOv2) runs on {c.teacher_device} "
