@@ -3,7 +3,7 @@
     python benchmarks/dit_calibration.py          # model vs trace, full-size checkpoints (≈ 4 min)
     python benchmarks/dit_calibration.py --fit    # refit training.CALIBRATION from 1- and 2-block traces
 
-The fit traces each family's smallest checkpoint with 1 and 2 blocks at full width, varying the token
+The fit traces each family's smallest checkpoint with 2 and 3 blocks at full width, varying the token
 count, the FFN width (LTX: the width, its FFN is 4·D) and the text length, and solves per-block and
 fixed activation bytes for the features of training.activation_features. The comparison runs whole
 checkpoints — including the larger ones the fit never saw — over shapes × checkpointing × precision.
@@ -45,8 +45,11 @@ def _variant(name: str, *, widen: bool = False, text_x2: bool = False):
     if widen:
         key, factor = WIDEN[m.family]
         cfg[key] = int(cfg[key] * factor) if isinstance(cfg[key], int) else cfg[key] * factor
+    hidden = m.hidden_size
+    if m.family == "ltxvideo":  # its width is heads × head_dim, and cross-attention projects to it
+        hidden = cfg["cross_attention_dim"] = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     dit = {**m.dit, "config": cfg, "text_tokens": m.dit["text_tokens"] * (2 if text_x2 else 1)}
-    return dataclasses.replace(m, dit=dit)
+    return dataclasses.replace(m, dit=dit, hidden_size=hidden)
 
 
 def fit() -> dict:
@@ -57,7 +60,7 @@ def fit() -> dict:
             m = _variant(name, widen=widen, text_x2=text_x2)
             for gc in (False, True):
                 act = []
-                for layers in (1, 2):
+                for layers in (2, 3):  # 1 → 2 blocks is not yet linear under checkpointing
                     t = trace_dit(m, frames=frames, height=480, width=832, num_layers=layers,
                                   gradient_checkpointing=gc, optimizer=False)
                     act.append(t.peak_bytes - t.weights_bytes)
@@ -65,9 +68,9 @@ def fit() -> dict:
                 lat_b, text_b, _ = training.input_bytes(m, frames=frames, height=480, width=832)
                 rows[gc][0].append(feats)
                 rows[gc][1].append(act[1] - act[0])
-                rows[gc][2].append(2 * act[0] - act[1] - lat_b - text_b)  # inputs are terms of their own
+                rows[gc][2].append(3 * act[0] - 2 * act[1] - lat_b - text_b)  # inputs are terms of their own
                 print(f"  {name} frames={frames} widen={widen} text_x2={text_x2} gc={gc}: block {act[1] - act[0]:,} "
-                      f"fixed {2 * act[0] - act[1]:,}", file=sys.stderr)
+                      f"fixed {3 * act[0] - 2 * act[1]:,}", file=sys.stderr)
         fam = get_model(name).family
         out[fam] = {}
         for gc, (x, blk, fix) in rows.items():
@@ -75,6 +78,17 @@ def fit() -> dict:
             a = np.array(x, dtype=float)
             out[fam][key] = {"block": [round(v, 3) for v in np.linalg.lstsq(a, np.array(blk, float), rcond=None)[0]],
                              "fixed": [round(v, 3) for v in np.linalg.lstsq(a, np.array(fix, float), rcond=None)[0]]}
+        ratios = []
+        for gc in (False, True):  # fp32 compute over bf16, 3 blocks (training.FP32_FACTOR)
+            a = {}
+            for dt in ("bf16", "fp32"):
+                m = get_model(name)
+                t = trace_dit(m, frames=17, height=480, width=832, num_layers=3, gradient_checkpointing=gc,
+                              optimizer=False, dtype=dt)
+                lat_b, text_b, _ = training.input_bytes(m, frames=17, height=480, width=832, compute_dtype=dt)
+                a[dt] = t.peak_bytes - t.weights_bytes - lat_b - text_b
+            ratios.append(round(a["fp32"] / a["bf16"], 3))
+        out[fam]["fp32_factor"] = ratios
     return out
 
 

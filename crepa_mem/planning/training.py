@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from crepa_mem.errors import CrepaConfigError
 from crepa_mem.profiles import ModelProfile, get_model
-from crepa_mem.units import MiB, dtype_bytes
+from crepa_mem.units import GiB, MiB, dtype_bytes
 
 # Bytes per weight at each base precision. Quantized: quanto/torchao int8 and fp8 keep 1 byte plus a
 # per-channel scale (< 0.1 %); int4/nf4 keep half a byte plus a bf16 scale (and zero point) per group
@@ -56,9 +56,23 @@ CUDA_CONTEXT_BYTES = 512 * MiB
 # Activation coefficients (bytes per feature [N·D, N·F, Lt·D]) per family: block = one DiT block's
 # saved tensors (no_gc) or its checkpointed input (gc); fixed = everything outside the blocks (gc: plus
 # the one block recomputed in backward). Fitted: `python benchmarks/dit_calibration.py --fit`.
-CALIBRATION: dict[str, dict[str, dict[str, list[float]]]] = {}
+CALIBRATION: dict[str, dict[str, dict[str, list[float]]]] = {  # [N·D, N·F, Lt·D] coefficients, bytes
+    "wan": {"no_gc": {"block": [60.336, 2.0, 16.111], "fixed": [-1.422, 4.0, -5.336]},
+             "gc": {"block": [2.0, 0.0, 0.0], "fixed": [62.919, 6.001, 12.785]}},
+    "ltxvideo": {"no_gc": {"block": [4.02, 16.079, 16.119], "fixed": [1.167, 4.669, -4.015]},
+                  "gc": {"block": [0.118, 0.471, 0.0], "fixed": [5.423, 21.691, 14.123]}},
+    "sanavideo": {"no_gc": {"block": [74.253, 16.01, 18.58], "fixed": [-1.659, 4.0, -2.059]},
+                   "gc": {"block": [2.0, 0.0, 0.0], "fixed": [72.596, 20.01, 18.536]}},
+    "kandinsky5_video": {"no_gc": {"block": [52.468, 2.001, 16.195], "fixed": [-1.693, 3.996, 86.967]},
+                          "gc": {"block": [2.0, 0.0, 0.0], "fixed": [54.683, 6.001, 18.482]}},
+}
+# fp32 compute (fp32 base weights) over bf16, [no_gc, gc]: far below 2× because the bf16 run already keeps
+# fp32 copies (peft casts each LoRA input to the fp32 adapter dtype; norms and gates run in fp32).
+# 3-block traces at 17×480×832 (same script, --fit).
+FP32_FACTOR = {"wan": [1.197, 1.329], "ltxvideo": [1.075, 1.206], "sanavideo": [1.344, 1.4],
+               "kandinsky5_video": [1.269, 1.374]}
 
-SOURCES = ("model", "config", "train-gib", "live GPU")
+SOURCES = ("model", "config", "--train-gib", "live GPU")  # where a plan's training figure comes from
 
 
 @dataclass(frozen=True)
@@ -150,7 +164,7 @@ def activation_features(model: ModelProfile, *, frames: int, height: int, width:
 def activation_bytes(model: ModelProfile, *, frames: int, height: int, width: int, batch: int = 1,
                      gradient_checkpointing: bool = True, compute_dtype: str = "bf16",
                      text_len: int | None = None) -> int:
-    """Bytes the forward keeps for backward at its peak (bf16 compute; fp32 compute doubles them)."""
+    """Bytes the forward keeps for backward at its peak (bf16 compute; fp32 compute: FP32_FACTOR)."""
     coef = CALIBRATION.get(model.family)
     if coef is None:
         raise CrepaConfigError("model family", model.family, valid=" · ".join(CALIBRATION))
@@ -158,7 +172,8 @@ def activation_bytes(model: ModelProfile, *, frames: int, height: int, width: in
     f = activation_features(model, frames=frames, height=height, width=width, batch=batch, text_len=text_len)
     per_block = sum(a * x for a, x in zip(c["block"], f))
     fixed = sum(a * x for a, x in zip(c["fixed"], f))
-    return int((model.num_blocks * per_block + fixed) * dtype_bytes(compute_dtype) / 2)
+    factor = FP32_FACTOR[model.family][int(gradient_checkpointing)] if compute_dtype == "fp32" else 1.0
+    return int((model.num_blocks * per_block + fixed) * factor)
 
 
 def input_bytes(model: ModelProfile, *, frames: int, height: int, width: int, batch: int = 1,
@@ -272,6 +287,29 @@ def training_bytes(model: ModelProfile | str, *, frames: int | None = None, heig
                   lora_rank=lora_rank or None, optimizer=opt, gradient_checkpointing=gradient_checkpointing,
                   ramtorch_percent=ramtorch_percent, blocks_to_swap=blocks_to_swap, group_offload=group_offload)
     return TrainingEstimate(terms, source=source, inputs=inputs)
+
+
+def training_use(model: ModelProfile, gpu, *, frames: int, height: int, width: int, batch: int = 1,
+                 train_gib: float | None = None, training: dict | None = None) -> TrainingEstimate:
+    """What a plan takes training to use: --train-gib if given, else the model (`training` holds
+    training_bytes' keywords, plus "source": "config" when they came from a config.json); on a live GPU
+    (NVML) the larger of the model and what is in use now, so planning before training starts still
+    counts the DiT."""
+    if train_gib is not None:
+        return TrainingEstimate([TrainingTerm("train_gib", int(train_gib * GiB), "given with --train-gib")],
+                                source="--train-gib")
+    kw = dict(training or {})
+    source = kw.pop("source", "model")
+    predicted = training_bytes(model, frames=frames, height=height, width=width, batch=batch, source=source, **kw)
+    if getattr(gpu, "source", None) != "nvml":
+        return predicted
+    in_use = int(gpu.used_bytes or 0)
+    predicted.inputs["in_use_bytes"] = in_use
+    if in_use <= predicted.total_bytes:
+        return predicted
+    return TrainingEstimate([TrainingTerm("in_use", in_use, "in use on the GPU now (NVML)")], source="live GPU",
+                            inputs={**predicted.inputs, "predicted_bytes": predicted.total_bytes,
+                                    "predicted_source": source})
 
 
 def _largest_linear(m: ModelProfile) -> int:
