@@ -182,3 +182,19 @@ def test_write_is_atomic_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch
     r = invoke("plan", "--model", "wan-2.1-14b", "--gpu", "8GB", "--write", str(out))
     assert r.exit_code == 1 and "the disk is full" in r.stderr
     assert out.read_text() == '{"crepa_enabled": true}\n' and [p.name for p in tmp_path.iterdir()] == ["crepa.json"]
+
+
+def test_plan_config_reads_the_training_from_a_simpletuner_config():
+    from pathlib import Path
+
+    cfg = Path(__file__).parent / "fixtures" / "simpletuner" / "wan2.1-t2v-1.3b-480p-ramtorch-crepa.json"
+    r = invoke("plan", "--config", str(cfg), "--gpu", "rtx4090", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["model"]["name"] == "wan-2.1-1.3b" and d["training"]["source"] == "config"
+    assert d["budget"]["train_bytes"] == d["training"]["total_bytes"] > 0
+    r = invoke("plan", "--model", "wan-2.1-14b", "--gpu", "rtx4090", "--json")  # bf16 14B alone exceeds 24 GB
+    assert r.exit_code == 3 and json.loads(r.stdout)["fits"] is False
+    assert any(x.startswith("training alone does not fit") for x in json.loads(r.stdout)["reasons"])
+    r = invoke("plan", "--model", "wan", "--gpu", "rtx4090")
+    assert "training uses" in r.stdout and "from model" in r.stdout
