@@ -46,6 +46,8 @@ def register(app: typer.Typer) -> None:
                                                   "with its own host copy (default: $LOCAL_WORLD_SIZE, else 1)."),
         profiles: Optional[list[str]] = typer.Option(None, "--profiles", help="Directory of extra profile *.toml "
                                                      "files (also $CREPA_MEM_PROFILES)."),
+        feature_cache: bool = typer.Option(True, "--feature-cache/--no-feature-cache", help="Let the plan use the "
+                                           "feature cache (precomputed teacher features) when it is the fastest."),
         as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
         write: Optional[Path] = typer.Option(None, "--write", help="Write the planned config (crepa_* keys) to FILE."),
     ) -> None:
@@ -71,7 +73,7 @@ def register(app: typer.Typer) -> None:
             fail(f"--local-ranks {local_ranks} is invalid: valid is an integer ≥ 1", EXIT_USAGE)
         p = plan(model, gpu, frames=frames, height=height, width=width, batch=batch, train_gib=train_gib,
                  headroom=headroom, host_ram_bytes=ram, profiles_dir=profiles or None, local_ranks=local_ranks,
-                 training=training)
+                 training=training, feature_cache=feature_cache)
         if p.gpu.source == "catalog" and p.gpu.note.startswith("no GPU found"):
             typer.echo(f"crepa-mem: {p.gpu.note}", err=True)  # one line, never wrapped
         if write is not None:

@@ -199,7 +199,7 @@ def plan(model: str | ModelProfile, gpu: str | DeviceInfo = "auto", *, frames: i
          headroom: float = 0.10, host_ram_bytes: int | None = None, profiles_dir=None,
          base_config: CrepaConfig | None = None, spatial_align: bool | None = None, encoder: str | None = None,
          teacher_gpus: list[DeviceInfo] | None = None, local_ranks: int | None = None,
-         training: dict | None = None) -> Plan:
+         training: dict | None = None, feature_cache: bool = True) -> Plan:
     """The best configuration that fits (or, with fits=False, the smallest one and what it needs).
 
     gpu: a selector for devices.resolve_gpu ("auto", "1", "rtx4090", "24GB") or a DeviceInfo.
@@ -208,6 +208,7 @@ def plan(model: str | ModelProfile, gpu: str | DeviceInfo = "auto", *, frames: i
     lora_rank, optimizer, gradient_checkpointing, offload; "source": "config" when read from a
     config.json); on a live GPU the larger of that and what is in use now.
     teacher_gpus: other GPUs for the `device` tier (default: the other visible GPUs).
+    feature_cache: False keeps the teacher live (no precomputed features, e.g. on-the-fly augmentations).
     host_ram_bytes, local_ranks: host RAM of the node and ranks on it (default: read, LOCAL_WORLD_SIZE).
     """
     m = model if isinstance(model, ModelProfile) else get_model(model, profiles_dir)
@@ -254,7 +255,7 @@ def plan(model: str | ModelProfile, gpu: str | DeviceInfo = "auto", *, frames: i
         if floor.peak_bytes > budget and rank < len(levels) - 1:
             continue
         fitting = []  # every candidate of equal teacher quality that fits: the fastest wins
-        for step in _steps(level, total_frames, roomy):
+        for step in _steps(level, total_frames, roomy)[:None if feature_cache else -1]:
             for c in choose.variants(ctx, step, lambda v: _evaluate(ctx, v)):
                 e, ok, cost = _evaluate(ctx, c)
                 if smallest is None or (e.peak_bytes, not c.level.cache) < (smallest[1].peak_bytes,
