@@ -50,13 +50,22 @@ def register(app: typer.Typer) -> None:
                                      "no encoder on the GPU)."),
         loss_chunk: Optional[int] = typer.Option(None, "--loss-chunk", help="Candidate: DiT frames per loss "
                                                  "chunk, recomputed in backward (default: all at once)."),
+        dit: bool = O.flag("--dit", "Trace the DiT's own training step instead (forward + backward + AdamW, LoRA "
+                           "attached); --json: {\"dit\": {\"peak_bytes\", ...}}."),
+        dit_dtype: str = typer.Option("bf16", "--dit-dtype", help="--dit: base weights and compute dtype."),
+        lora_rank: int = typer.Option(16, "--lora-rank", help="--dit: LoRA rank on SimpleTuner's targets; 0 = full."),
+        checkpointing: bool = typer.Option(True, "--gradient-checkpointing/--no-gradient-checkpointing",
+                                           help="--dit: diffusers gradient checkpointing."),
         as_json: bool = O.as_json(),
     ) -> None:
-        """Trace the teacher's compute-device peak: SimpleTuner's recipe vs the candidate settings."""
+        """Trace the teacher's compute-device peak: SimpleTuner's recipe vs the candidate settings (or, with
+        --dit, the DiT's own training step)."""
         from crepa_mem.profiles import get_model
         from crepa_mem.trace.workloads import TeacherSettings, Workload, expected_steps, trace_baseline, trace_candidate
         from crepa_mem.trace.workloads import report as make_report
 
+        if dit:
+            return _trace_dit(model, frames, height, width, batch, dit_dtype, lora_rank, checkpointing, as_json)
         O.choice("--encoder-tier", encoder_tier, PLACED, NOT_HERE if encoder_tier == "cache" else "")
         O.choice("--vae-tier", vae_tier, PLACED, NOT_HERE if vae_tier == "cache" else "")
         O.choice("--encoder-dtype", encoder_dtype, DTYPES)
@@ -88,6 +97,42 @@ def register(app: typer.Typer) -> None:
             emit_json(report)
         else:
             _print(workload, base, cand, report)
+
+
+def _trace_dit(model, frames, height, width, batch, dtype, lora_rank, checkpointing, as_json) -> None:
+    from crepa_mem.planning.training import training_bytes
+    from crepa_mem.profiles import get_model
+    from crepa_mem.trace.dit import trace_dit
+
+    O.choice("--dit-dtype", dtype, ("bf16", "fp16", "fp32"))
+    if lora_rank < 0 or batch < 1:
+        fail(f"--lora-rank {lora_rank} / --batch {batch} is invalid: valid is a rank ≥ 0 and a batch ≥ 1", EXIT_USAGE)
+    for flag, v in (("--frames", frames), ("--height", height), ("--width", width)):
+        if v is not None and v < 1:
+            fail(f"{flag} {v} is invalid: valid is an integer ≥ 1 (omit it for the model's default)", EXIT_USAGE)
+    profile = get_model(model)
+    if not profile.dit.get("config"):
+        fail(f"{profile.name} has no [model.\"{profile.name}\".dit] table in its profile: --dit cannot build it", 1)
+    r = trace_dit(profile, frames=frames, height=height, width=width, batch=batch, dtype=dtype,
+                  lora_rank=lora_rank or None, gradient_checkpointing=checkpointing)
+    s = r.settings
+    m = training_bytes(profile, frames=s["frames"], height=s["height"], width=s["width"], batch=batch,
+                       precision=dtype, lora_rank=lora_rank or None, optimizer="adamw",
+                       gradient_checkpointing=checkpointing, cuda_context=False)
+    report = {"dit": {**r.to_dict(), "model_bytes": m.total_bytes,
+                      "model_error": round(m.total_bytes / r.peak_bytes - 1, 4) if r.peak_bytes else None}}
+    if as_json:
+        emit_json(report)
+        return
+    out = console()
+    out.print(f"[bold]{profile.name}[/] ({profile.diffusers_class}): {batch}×{s['frames']} frames at {s['height']}×"
+              f"{s['width']}, {dtype}, " + (f"LoRA rank {lora_rank}" if lora_rank else "full fine-tune")
+              + f", gradient checkpointing {'on' if checkpointing else 'off'}, AdamW")
+    for label, v in (("weights (base + trainable)", r.weights_bytes), ("forward peak", r.forward_peak_bytes),
+                     ("backward peak", r.backward_peak_bytes), ("optimizer step peak", r.step_peak_bytes),
+                     ("[bold]device peak[/]", r.peak_bytes), ("training model (plan)", m.total_bytes)):
+        out.print(f"  {label:<28} {human_bytes(v):>12}")
+    out.print(f"  trainable parameters {r.trainable_params:,}; traced in {r.wall_s:.1f} s; CUDA context not included")
 
 
 class _progress:

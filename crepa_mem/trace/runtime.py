@@ -22,7 +22,8 @@ those, for the duration of the block only:
   loss and its backward run on fake *CPU* tensors inside `tracker.count_as("cpu", FAKE_GPU)`: every
   storage made there is counted on the fake GPU, where the real call makes it (the host's own bytes,
   made before, stay on the host).
-- Fake tensors hold no values: a Python scalar read (`.item()`, `bool(t)`) returns 0.0, or for a
+- Fake tensors hold no values: a Python scalar read (`.item()`, `bool(t)`) returns 1.0 (a value nothing
+  divides by zero over, e.g. AdamW's step count in `1 - beta ** step`), or for a
   bool: False for the result of `any`, True otherwise ("all finite", "no NaN"), so data-dependent
   checks take the path of a healthy step.
 Not modelled: cuDNN/cuBLAS workspaces and the caching allocator's fragmentation (the allocator's
@@ -84,7 +85,7 @@ class LiveBytes(TorchDispatchMode):
         if func is torch.ops.aten._local_scalar_dense.default:  # no values under the trace (see above)
             t = args[0]
             if t.dtype != torch.bool:
-                return 0.0
+                return 1.0
             ref = self._falsy.get(id(t))
             return not (ref is not None and ref() is t)
         out = func(*args, **(kwargs or {}))
