@@ -266,6 +266,17 @@ class TeacherPath:
         out: Tensor | None = None
         pending: list[tuple[int, int, Tensor]] = []  # (batch index, slot, frame (3, H, W))
 
+        def place_tokens(group: list, tokens: Tensor) -> None:
+            """One encoder call's tokens into their (video, kept-frame) slots of the output."""
+            nonlocal out
+            if out is None:
+                out = torch.empty(batch, len(keep), tokens.shape[1], tokens.shape[2],
+                                  dtype=tokens.dtype, device=self.compute_device)
+            for (b, slot, _), tok in zip(group, tokens):
+                out[b, slot] = tok
+            stats["encoder_calls"] += 1
+            stats["frames_encoded"] += len(group)
+
         def encode_pending(encoder: nn.Module) -> None:
             nonlocal out, chunk
             if getattr(self.encoder, "layers", None) is not None:  # streamed: layer-major, weights cross once
@@ -289,13 +300,7 @@ class TeacherPath:
                     stats["chunk_frames"] = self.working_chunk = chunk  # later steps start here
                     continue
                 del pending[:take]
-                if out is None:
-                    out = torch.empty(batch, len(keep), tokens.shape[1], tokens.shape[2],
-                                      dtype=tokens.dtype, device=self.compute_device)
-                for (b, slot, _), tok in zip(group, tokens):
-                    out[b, slot] = tok
-                stats["encoder_calls"] += 1
-                stats["frames_encoded"] += take
+                place_tokens(group, tokens)
 
         def encode_layer_major() -> None:
             nonlocal out, chunk
@@ -313,14 +318,7 @@ class TeacherPath:
                     stats["chunk_frames"] = chunk
             skip = leading_tokens(self.encoder.module)
             for group, h in zip(groups, states):
-                tokens = h[:, skip:].to(self.compute_device)
-                if out is None:
-                    out = torch.empty(batch, len(keep), tokens.shape[1], tokens.shape[2],
-                                      dtype=tokens.dtype, device=self.compute_device)
-                for (b, slot, _), tok in zip(group, tokens):
-                    out[b, slot] = tok
-                stats["encoder_calls"] += 1
-                stats["frames_encoded"] += len(group)
+                place_tokens(group, h[:, skip:].to(self.compute_device))
             pending.clear()
 
         # Phase 1, decode: only the selected frames' pixels are kept, the rest is freed as it comes.
