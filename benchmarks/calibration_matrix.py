@@ -36,8 +36,8 @@ def compare_case(case: dict) -> dict:
     w, s = workload_and_settings(case)
     traced = trace_candidate(w, s)
     estimated = teacher_peak(estimate_case(case))
-    return {"case": case, "estimate_bytes": estimated, "trace_bytes": traced.peak_bytes,
-            "error": estimated / traced.peak_bytes - 1.0, "trace_s": traced.wall_s}
+    return {"case": case, "estimate_bytes": estimated, "trace_bytes": traced.teacher_peak_bytes,
+            "error": estimated / traced.teacher_peak_bytes - 1.0, "trace_s": traced.wall_s}
 
 
 def main() -> None:

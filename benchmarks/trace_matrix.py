@@ -1,10 +1,11 @@
-"""Compute-device peak of the teacher path for a matrix of tier settings on one workload.
+"""Compute-device peak of the whole CREPA call for a matrix of tier settings on one workload.
 
     python benchmarks/trace_matrix.py                       # the reference workload (REFERENCE §6)
     python benchmarks/trace_matrix.py --model wan-2.1-1.3b --frames 21 --height 240 --width 416 --quick
 
-Prints one row per configuration: peak bytes on the (fake) GPU, the ratio to SimpleTuner's recipe,
-and the trace's own wall time. Every figure is measured by `crepa_mem.trace.workloads` when this runs.
+Prints one row per configuration: the whole call's peak on the (fake) GPU (teacher step, then the loss
+phase: projection, alignment, backward), the ratio to SimpleTuner's recipe, the teacher and loss phases
+apart, the host → device bytes per step, and the trace's own wall time. Every figure is measured by `crepa_mem.trace.workloads` when this runs.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import time
 from crepa_mem.trace.workloads import TeacherSettings, Workload, trace_baseline, trace_candidate
 from crepa_mem.units import format_bytes
 
-FRUGAL = dict(chunk=1, vae_tiling=True, drop_vae_encoder=True)
+FRUGAL = dict(chunk=1, vae_tiling=True, drop_vae_encoder=True, loss_chunk=1)
 MATRIX = [
     ("crepa-mem defaults (resident, selection first)", TeacherSettings()),
     ("chunk 1", TeacherSettings(chunk=1)),
@@ -25,8 +26,10 @@ MATRIX = [
     ("encoder stream, VAE stream, tiled", TeacherSettings(encoder_tier="stream", vae_tier="stream", **FRUGAL)),
     ("encoder and VAE on the CPU (device tier)", TeacherSettings(encoder_tier="device", vae_tier="device", chunk=1)),
     ("feature cache", TeacherSettings(feature_cache=True)),
+    ("feature cache, loss chunk 1", TeacherSettings(feature_cache=True, loss_chunk=1)),
+    ("crepa-mem defaults, loss chunk 3", TeacherSettings(loss_chunk=3)),
 ]
-QUICK = [0, 1, 4, 6, 8]
+QUICK = [0, 1, 4, 6, 8, 9]
 # Smaller tiles save a little more but multiply the decoder calls the trace walks through (~6 min here).
 SLOW = [("encoder stream, VAE stream, tiles 128", TeacherSettings(encoder_tier="stream", vae_tier="stream",
                                                                   vae_tile_size=128, **FRUGAL))]
@@ -48,13 +51,18 @@ def main() -> None:
     t0 = time.perf_counter()
     base = trace_baseline(w)
     print(f"workload: {w}")
-    print(f"{'configuration':48s} {'peak':>12s} {'ratio':>7s} {'trace s':>8s}")
-    print(f"{'SimpleTuner recipe (baseline)':48s} {format_bytes(base.peak_bytes):>12s} {1.0:7.2f} {base.wall_s:8.1f}")
+    print(f"{'configuration':48s} {'peak':>12s} {'ratio':>7s} {'teacher':>12s} {'loss':>12s} {'h2d/step':>12s} "
+          f"{'trace s':>8s}")
+
+    def row(label, r) -> None:
+        print(f"{label:48s} {format_bytes(r.peak_bytes):>12s} {base.peak_bytes / r.peak_bytes:7.2f} "
+              f"{format_bytes(r.teacher_peak_bytes):>12s} {format_bytes(r.loss_peak_bytes):>12s} "
+              f"{format_bytes(sum(r.h2d_bytes.values())):>12s} {r.wall_s:8.1f}", flush=True)
+
+    row("SimpleTuner recipe (baseline)", base)
     rows = [MATRIX[i] for i in QUICK] if args.quick else MATRIX + (SLOW if args.slow else [])
     for label, settings in rows:
-        r = trace_candidate(w, settings)
-        print(f"{label:48s} {format_bytes(r.peak_bytes):>12s} {base.peak_bytes / r.peak_bytes:7.2f} {r.wall_s:8.1f}",
-              flush=True)
+        row(label, trace_candidate(w, settings))
     print(f"total {time.perf_counter() - t0:.0f} s")
 
 

@@ -17,8 +17,11 @@ def register(app: typer.Typer) -> None:
     @app.command("plan")
     @user_errors
     def plan_cmd(
-        model: str = O.model("Family (wan, ltxvideo, sanavideo, kandinsky5_video) or checkpoint (wan-2.1-14b, ...); "
-                             "`crepa-mem profiles` lists them."),
+        model: Optional[str] = typer.Option(None, "--model", "-m", help="Family (wan, ltxvideo, sanavideo, "
+                                            "kandinsky5_video) or checkpoint (wan-2.1-14b, ...); `crepa-mem profiles` "
+                                            "lists them. Default: the --config's model_family/model_flavour."),
+        config: Optional[Path] = typer.Option(None, "--config", help="A SimpleTuner config.json: model, shape, "
+                                              "precision, LoRA rank, optimizer, checkpointing, RamTorch keys."),
         gpu: str = typer.Option("auto", "--gpu", help="auto, an index (1 or cuda:1), a catalog name (rtx4090) "
                                 "or a size (24GB, 24GiB)."),
         frames: Optional[int] = O.frames(),
@@ -26,13 +29,26 @@ def register(app: typer.Typer) -> None:
         width: Optional[int] = O.width(),
         batch: int = O.batch(),
         train_gib: Optional[float] = typer.Option(None, "--train-gib", help="GiB the training uses without CREPA "
-                                                  "(default: what is in use on the GPU now)."),
+                                                  "(default: the training-memory model; on a live GPU the larger of "
+                                                  "it and what is in use now)."),
+        precision: Optional[str] = typer.Option(None, "--precision", help="Base weights: bf16 · fp16 · fp32 · fp8 · "
+                                                "int8 · int4 · nf4 (or SimpleTuner's base_model_precision) (default: bf16)."),
+        lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="LoRA rank; 0 = full fine-tune (default: 16)."),
+        optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adamw · adamw_bf16 · adamw8bit · "
+                                                "prodigy · sgd · adafactor (default: adamw)."),
+        checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing",
+                                                     help="The DiT's gradient checkpointing (default: on)."),
+        ramtorch_percent: Optional[float] = typer.Option(None, "--ramtorch-percent", help="SimpleTuner RamTorch: "
+                                                         "% of the blocks' Linear weights on the host (default: 0)."),
+        blocks_to_swap: Optional[int] = typer.Option(None, "--blocks-to-swap", help="musubi-tuner blocks_to_swap (default: 0)."),
         headroom: float = typer.Option(0.10, "--headroom", help="Fraction of the GPU kept free."),
         host_ram: Optional[str] = typer.Option(None, "--host-ram", help="Host RAM for the swap/stream tiers, e.g. "
                                                "64GiB: this node's, for all its local ranks (default: available now)."),
         local_ranks: Optional[int] = typer.Option(None, "--local-ranks", help="Training processes on this node, each "
                                                   "with its own host copy (default: $LOCAL_WORLD_SIZE, else 1)."),
         profiles: Optional[list[str]] = O.profiles(),
+        feature_cache: bool = typer.Option(True, "--feature-cache/--no-feature-cache", help="Let the plan use the "
+                                           "feature cache (precomputed teacher features) when it is the fastest."),
         as_json: bool = O.as_json("Print the plan as JSON."),
         write: Optional[Path] = typer.Option(None, "--write", help="Write the planned config (crepa_* keys) to FILE."),
     ) -> None:
@@ -40,6 +56,14 @@ def register(app: typer.Typer) -> None:
         from crepa_mem.planning.planner import plan
         from crepa_mem.units import parse_size
 
+        training, shape = _training_inputs(model, config, profiles, dict(
+            precision=precision, lora_rank=lora_rank, optimizer=optimizer, gradient_checkpointing=checkpointing,
+            ramtorch_percent=ramtorch_percent, blocks_to_swap=blocks_to_swap))
+        model = model or shape.pop("model")
+        frames, height, width = (v if v is not None else shape.get(k) for k, v in
+                                 (("frames", frames), ("height", height), ("width", width)))
+        if "batch" in shape and batch == 1:
+            batch = shape["batch"]
         ram = None
         if host_ram is not None:
             try:
@@ -51,7 +75,8 @@ def register(app: typer.Typer) -> None:
         with warnings.catch_warnings():  # the no-GPU fallback is printed as one note line below
             warnings.simplefilter("ignore", RuntimeWarning)
             p = plan(model, gpu, frames=frames, height=height, width=width, batch=batch, train_gib=train_gib,
-                     headroom=headroom, host_ram_bytes=ram, profiles_dir=profiles or None, local_ranks=local_ranks)
+                     headroom=headroom, host_ram_bytes=ram, profiles_dir=profiles or None, local_ranks=local_ranks,
+                     training=training, feature_cache=feature_cache)
         if p.gpu.source == "catalog" and p.gpu.note.startswith("no GPU found"):
             typer.echo(f"crepa-mem: {p.gpu.note}", err=True)  # one line, never wrapped
         if write is not None:
@@ -91,6 +116,25 @@ def _write(path: Path, p) -> None:
                    "(python -m crepa_mem.simpletuner …); unpatched SimpleTuner refuses them", err=True)
 
 
+def _training_inputs(model, config, profiles, flags: dict) -> tuple[dict, dict]:
+    """(training_bytes keywords with their source, shape and model read from --config); flags win."""
+    training: dict = {"source": "model"}
+    shape: dict = {}
+    if config is not None:
+        from crepa_mem.planning.training_config import training_inputs
+
+        got = training_inputs(config, profiles_dir=profiles or None)
+        training = {**got.kwargs, "source": "config"}
+        shape = {"model": got.model.name, "frames": got.frames, "height": got.height, "width": got.width,
+                 "batch": training.pop("batch")}
+    elif model is None:
+        fail("--model is required (or --config with a SimpleTuner config.json)", 2)
+    for key, value in flags.items():
+        if value is not None:
+            training[key] = value if key != "lora_rank" else (value or None)
+    return training, shape
+
+
 def _print(p) -> None:
     from rich.table import Table
 
@@ -100,14 +144,19 @@ def _print(p) -> None:
     head.add_row("GPU", f"{g.name} ({g.source}) {human_bytes(g.total_bytes)} total, {human_bytes(g.free_bytes)} free")
     head.add_row("shape", f"{s['batch']} × {s['frames']} frames × {s['height']}×{s['width']} "
                           f"({s['latent_frames']} latent frames, {s['dit_tokens_per_frame']} tokens each)")
-    head.add_row("training uses", human_bytes(b["train_bytes"]))
+    t = p.training
+    head.add_row("training uses", f"{human_bytes(b['train_bytes'])} (from {t.source if t else 'unknown'})")
     head.add_row("headroom", human_bytes(b["headroom_bytes"]))
-    head.add_row("budget for CREPA", human_bytes(b["budget_bytes"]))
+    head.add_row("budget for CREPA", human_bytes(b["budget_bytes"]) if b["budget_bytes"] > 0 else
+                 "[red]nothing: training alone does not fit this card[/]")
     if p.host.get("node_bytes"):
         head.add_row("host (this node)", f"{human_bytes(p.host['node_bytes'])} for {p.host['local_ranks']} local rank(s)"
                      + (f" of {human_bytes(p.host['available_bytes'])} available" if p.host.get("available_bytes")
                         else ""))
     head.add_row("fits", "[green]yes[/]" if p.fits else "[red]no[/]")
+    if p.fits and p.fastest is not None:
+        head.add_row("step time", f"+{p.step_overhead_s:.3f} s/step (fastest that fits: "
+                                  f"+{p.fastest['overhead_s']:.3f} s/step)")
     out.print(head)
 
     mem = Table(title="CREPA on the training GPU", title_justify="left")
@@ -131,3 +180,6 @@ def _print(p) -> None:
         out.print(f" • {r}", markup=False)
     if p.step_overhead_s:
         out.print(f"estimated step-time overhead: +{p.step_overhead_s:.3f} s/step")
+    if p.cache_build_command:
+        out.print("before training, build the feature cache:", markup=False)
+        out.print(f"  {p.cache_build_command}", markup=False, soft_wrap=True)

@@ -1,7 +1,9 @@
 """`crepa-mem trace`: the teacher path's GPU peak, SimpleTuner's recipe against a candidate, on a CPU.
 
 Full-size models on fake tensors (crepa_mem.trace); nothing is downloaded and no GPU is needed.
---json prints exactly {"baseline": {"peak_bytes"}, "candidate": {"peak_bytes", "settings"}, "ratio"}.
+The peak is the whole CREPA call's: the teacher, then the projection, the alignment and the backward.
+--json prints exactly {"baseline": SIDE, "candidate": {**SIDE, "settings"}, "ratio"} with
+SIDE = {"peak_bytes", "teacher_peak_bytes", "loss_peak_bytes", "h2d_bytes": {"vae", "encoder"}} (per step).
 Exit codes: 0 ok, 2 bad input (unknown model or encoder, a shape the VAE cannot encode).
 """
 from __future__ import annotations
@@ -46,12 +48,24 @@ def register(app: typer.Typer) -> None:
                                             "on the GPU (RamTorch's pin)."),
         feature_cache: bool = O.flag("--feature-cache", "Candidate: features read from a feature cache (no VAE, "
                                      "no encoder on the GPU)."),
+        loss_chunk: Optional[int] = typer.Option(None, "--loss-chunk", help="Candidate: DiT frames per loss "
+                                                 "chunk, recomputed in backward (default: all at once)."),
+        dit: bool = O.flag("--dit", "Trace the DiT's own training step instead (forward + backward + AdamW, LoRA "
+                           "attached); --json: {\"dit\": {\"peak_bytes\", ...}}."),
+        dit_dtype: str = typer.Option("bf16", "--dit-dtype", help="--dit: base weights and compute dtype."),
+        lora_rank: int = typer.Option(16, "--lora-rank", help="--dit: LoRA rank on SimpleTuner's targets; 0 = full."),
+        checkpointing: bool = typer.Option(True, "--gradient-checkpointing/--no-gradient-checkpointing",
+                                           help="--dit: diffusers gradient checkpointing."),
         as_json: bool = O.as_json(),
     ) -> None:
-        """Trace the teacher's compute-device peak: SimpleTuner's recipe vs the candidate settings."""
+        """Trace the teacher's compute-device peak: SimpleTuner's recipe vs the candidate settings (or, with
+        --dit, the DiT's own training step)."""
         from crepa_mem.profiles import get_model
         from crepa_mem.trace.workloads import TeacherSettings, Workload, expected_steps, trace_baseline, trace_candidate
+        from crepa_mem.trace.workloads import report as make_report
 
+        if dit:
+            return _trace_dit(model, frames, height, width, batch, dit_dtype, lora_rank, checkpointing, as_json)
         O.choice("--encoder-tier", encoder_tier, PLACED, NOT_HERE if encoder_tier == "cache" else "")
         O.choice("--vae-tier", vae_tier, PLACED, NOT_HERE if vae_tier == "cache" else "")
         O.choice("--encoder-dtype", encoder_dtype, DTYPES)
@@ -60,6 +74,7 @@ def register(app: typer.Typer) -> None:
             fail(f"--resident-chunks {resident_chunks} is invalid: valid is an integer ≥ 0", EXIT_USAGE)
         O.choice("--vae-dtype", vae_dtype, DTYPES)
         O.at_least_one("--chunk", chunk, " (omit it for all frames at once)")
+        O.at_least_one("--loss-chunk", loss_chunk, " (omit it for all frames at once)")
         O.check_image_size(image_size)
         profile = get_model(model)
         from crepa_mem.profiles import get_encoder
@@ -72,17 +87,52 @@ def register(app: typer.Typer) -> None:
         settings = TeacherSettings(encoder_tier=encoder_tier, vae_tier=vae_tier, chunk=chunk,
                                    encoder_dtype=encoder_dtype, vae_tiling=vae_tiling, vae_tile_size=vae_tile_size,
                                    drop_vae_encoder=drop_vae_encoder, feature_cache=feature_cache,
-                                   stream_engine=stream_engine, resident_chunks=resident_chunks)
+                                   stream_engine=stream_engine, resident_chunks=resident_chunks,
+                                   loss_chunk=loss_chunk)
         with _progress(expected_steps(workload, settings)) as step:
             base = trace_baseline(workload, progress=lambda what: step(f"baseline: {what}"))
             cand = trace_candidate(workload, settings, progress=lambda what: step(f"candidate: {what}"))
-        report = {"baseline": {"peak_bytes": base.peak_bytes},
-                  "candidate": {"peak_bytes": cand.peak_bytes, "settings": settings.to_dict()},
-                  "ratio": base.peak_bytes / cand.peak_bytes if cand.peak_bytes else float("inf")}
+        report = make_report(base, cand, settings)
         if as_json:
             emit_json(report)
         else:
             _print(workload, base, cand, report)
+
+
+def _trace_dit(model, frames, height, width, batch, dtype, lora_rank, checkpointing, as_json) -> None:
+    from crepa_mem.planning.training import training_bytes
+    from crepa_mem.profiles import get_model
+    from crepa_mem.trace.dit import trace_dit
+
+    O.choice("--dit-dtype", dtype, ("bf16", "fp16", "fp32"))
+    if lora_rank < 0 or batch < 1:
+        fail(f"--lora-rank {lora_rank} / --batch {batch} is invalid: valid is a rank ≥ 0 and a batch ≥ 1", EXIT_USAGE)
+    for flag, v in (("--frames", frames), ("--height", height), ("--width", width)):
+        if v is not None and v < 1:
+            fail(f"{flag} {v} is invalid: valid is an integer ≥ 1 (omit it for the model's default)", EXIT_USAGE)
+    profile = get_model(model)
+    if not profile.dit.get("config"):
+        fail(f"{profile.name} has no [model.\"{profile.name}\".dit] table in its profile: --dit cannot build it", 1)
+    r = trace_dit(profile, frames=frames, height=height, width=width, batch=batch, dtype=dtype,
+                  lora_rank=lora_rank or None, gradient_checkpointing=checkpointing)
+    s = r.settings
+    m = training_bytes(profile, frames=s["frames"], height=s["height"], width=s["width"], batch=batch,
+                       precision=dtype, lora_rank=lora_rank or None, optimizer="adamw",
+                       gradient_checkpointing=checkpointing, cuda_context=False)
+    report = {"dit": {**r.to_dict(), "model_bytes": m.total_bytes,
+                      "model_error": round(m.total_bytes / r.peak_bytes - 1, 4) if r.peak_bytes else None}}
+    if as_json:
+        emit_json(report)
+        return
+    out = console()
+    out.print(f"[bold]{profile.name}[/] ({profile.diffusers_class}): {batch}×{s['frames']} frames at {s['height']}×"
+              f"{s['width']}, {dtype}, " + (f"LoRA rank {lora_rank}" if lora_rank else "full fine-tune")
+              + f", gradient checkpointing {'on' if checkpointing else 'off'}, AdamW")
+    for label, v in (("weights (base + trainable)", r.weights_bytes), ("forward peak", r.forward_peak_bytes),
+                     ("backward peak", r.backward_peak_bytes), ("optimizer step peak", r.step_peak_bytes),
+                     ("[bold]device peak[/]", r.peak_bytes), ("training model (plan)", m.total_bytes)):
+        out.print(f"  {label:<28} {human_bytes(v):>12}")
+    out.print(f"  trainable parameters {r.trainable_params:,}; traced in {r.wall_s:.1f} s; CUDA context not included")
 
 
 class _progress:
@@ -130,9 +180,19 @@ def _print(workload, base, cand, report) -> None:
     out.print(table)
     settings = " ".join(f"{k}={v}" for k, v in report["candidate"]["settings"].items())
     out.print(f"candidate: {settings}")
+    out.print(f"whole call = max(teacher step, loss phase): baseline {human_bytes(base.teacher_peak_bytes)} / "
+              f"{human_bytes(base.loss_peak_bytes)}, candidate {human_bytes(cand.teacher_peak_bytes)} / "
+              f"{human_bytes(cand.loss_peak_bytes)}")
+    h2d = cand.h2d_bytes
+    if any(h2d.values()):
+        from crepa_mem.planning.devices import h2d_bandwidth
+
+        rate = h2d_bandwidth(4, 16)
+        out.print("host → device per step: " + ", ".join(f"{k} {human_bytes(v)} (≈{v / rate:.2f} s at PCIe Gen4 x16)"
+                                                          for k, v in h2d.items() if v))
     if cand.prefetch_bytes:
         out.print(f"stream tier: includes {human_bytes(cand.prefetch_bytes)} for the block a CUDA side stream prefetches")
     if report["candidate"]["settings"].get("stream_engine") == "ramtorch" and cand.prefetch_bytes == 0:
         out.print("stream tier (ramtorch): RamTorch's loader ran on the traced thread, so its window and resident "
                   "chunks are in the measured peak")
-    out.print(f"[bold]ratio[/] {report['ratio']:.2f}× (baseline peak / candidate peak)")
+    out.print(f"[bold]ratio[/] {report['ratio']:.2f}× (baseline peak / candidate peak, whole call)")

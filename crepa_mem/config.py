@@ -101,6 +101,8 @@ class CrepaConfig:
     reset_peak_stats: bool = field(default=False, metadata=_key("reset_peak_stats", mem=True))
     """crepa_mem_reset_peak_stats: debug: reset CUDA's peak statistics at each teacher step (exact teacher peak,
     but a trainer's own max_memory_allocated then only sees the time since the teacher step)."""
+    loss_chunk: int = field(default=-1, metadata=_key("loss_chunk", mem=True))
+    """crepa_mem_loss_chunk: DiT frames per loss chunk, recomputed in backward (same loss); ≤ 0 → all at once."""
     vae_tiling: bool = field(default=False, metadata=_key("vae_tiling", mem=True))
     """crepa_mem_vae_tiling: spatial tiling of the VAE decode (vae.enable_tiling)."""
     vae_tile_size: int | None = field(default=None, metadata=_key("vae_tile_size", mem=True))

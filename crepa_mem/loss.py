@@ -122,6 +122,111 @@ def frame_similarity(p: Tensor, y: Tensor, *, distance: int, tau: float, cumulat
     return total, self_sim
 
 
+def frame_similarity_rows(p: Tensor, y: Tensor, start: int, *, distance: int, tau: float, cumulative: bool,
+                          normalize_neighbour_sum: bool) -> tuple[Tensor, Tensor]:
+    """`frame_similarity` for the frames start … start+c−1 only (p: those c frames; y: all T frames).
+
+    S(f) involves p at frame f alone (against y at f and f±k), so the rows of a chunk are the rows of
+    the whole computation, term by term in the same order."""
+    frames, c = y.shape[1], p.shape[1]
+    self_sim = (p * y[:, start:start + c]).sum(dim=-1).mean(dim=-1)
+    total = self_sim.clone()
+    weight_sum = torch.zeros_like(total[0]) if normalize_neighbour_sum else None
+    tau = max(tau, 1e-8)
+    for k in neighbour_offsets(distance, frames, cumulative):
+        w = math.exp(-float(k) / tau)
+        ahead = max(0, min(c, frames - k - start))  # rows with a frame f+k < T
+        if ahead:
+            total[:, :ahead] += w * (p[:, :ahead] * y[:, start + k:start + k + ahead]).sum(dim=-1).mean(dim=-1)
+        behind = max(0, k - start)  # first row with a frame f−k ≥ 0
+        if behind < c:
+            total[:, behind:] += w * (p[:, behind:] * y[:, start + behind - k:start + c - k]).sum(dim=-1).mean(dim=-1)
+        if weight_sum is not None:
+            weight_sum[:ahead] += w
+            weight_sum[behind:] += w
+    if weight_sum is not None:
+        total = total / (1.0 + weight_sum)
+    return total, self_sim
+
+
+def feature_side(features_BTND: Tensor, hidden_shape: tuple[int, ...], *, spatial_align: bool, projected_grid=None,
+                 feature_grid=None) -> tuple[Tensor, Tensor | None, int]:
+    """The features' half of the alignment, made once (it has no gradient): temporal subsampling, token
+    alignment, L2 normalisation. Returns (y, the DiT frames temporal alignment keeps or None for all,
+    the features' own token count, which decides the projected side's token alignment)."""
+    t_proj, p_tok = hidden_shape[1], (hidden_shape[2] if len(hidden_shape) == 4 else 1)
+    b, t_feat, n_tok = features_BTND.shape[:3]
+    rows = None
+    if t_feat > t_proj:
+        features_BTND = features_BTND.index_select(1, temporal_indices(t_feat, t_proj, features_BTND.device))
+    elif t_proj > t_feat:
+        rows = temporal_indices(t_proj, t_feat, features_BTND.device)
+    # Token alignment is per frame: a one-frame, width-1 stand-in takes the projected side's place.
+    _, y = align_tokens(features_BTND.new_empty(b, 1, p_tok, 1), features_BTND, spatial_align=spatial_align,
+                        projected_grid=projected_grid, feature_grid=feature_grid)
+    return F.normalize(y, dim=-1), rows, n_tok
+
+
+class _Recomputed(torch.autograd.Function):
+    """(total, self) (B, T) of all chunks. Forward runs each chunk without a graph and keeps only its inputs;
+    backward recomputes one chunk at a time and writes its slice of the hidden states' gradient."""
+
+    @staticmethod
+    def forward(ctx, run, pieces, hidden, *params):
+        ctx.run, ctx.pieces, ctx.params = run, pieces, params
+        ctx.save_for_backward(hidden)
+        outs = [run(piece, start) for start, piece in ((a, take(hidden)) for a, _, take, _ in pieces)]
+        return torch.cat([t for t, _ in outs], dim=1), torch.cat([s for _, s in outs], dim=1)
+
+    @staticmethod
+    def backward(ctx, grad_total, grad_self):
+        (hidden,) = ctx.saved_tensors
+        grad_hidden, grad_params = torch.zeros_like(hidden), [None] * len(ctx.params)
+        for start, stop, take, put in ctx.pieces:
+            with torch.enable_grad():
+                piece = take(hidden).detach().requires_grad_()
+                total, self_sim = ctx.run(piece, start)
+                grads = torch.autograd.grad((total, self_sim), [piece, *ctx.params],
+                                            (grad_total[:, start:stop], grad_self[:, start:stop]))
+            put(grad_hidden, grads[0])
+            del total, self_sim, piece
+            for i, g in enumerate(grads[1:]):
+                grad_params[i] = g if grad_params[i] is None else grad_params[i].add_(g)
+        return (None, None, grad_hidden, *grad_params)
+
+
+def chunked_frame_scores(projector: nn.Module, hidden_BTPD: Tensor, side: tuple[Tensor, Tensor | None, int],
+                         chunk: int, *, spatial_align: bool, projected_grid=None, feature_grid=None, distance: int,
+                         tau: float, cumulative: bool, normalize_neighbour_sum: bool) -> tuple[Tensor, Tensor]:
+    """project → align → normalise → frame_similarity, `chunk` DiT frames at a time, recomputed in backward:
+    the same (total, self) (B, T) as the whole computation, while one chunk's fp32 copy, projector
+    activations, alignment tensors and gradients are alive at a time (plus the hidden states' gradient).
+    `side` is `feature_side(...)`."""
+    y, rows, n_tok = side
+    if hidden_BTPD.ndim == 3:
+        hidden_BTPD = hidden_BTPD.unsqueeze(2)
+    stand_in = y.new_empty(y.shape[0], 1, n_tok, 1)
+    grids = dict(spatial_align=spatial_align, projected_grid=projected_grid, feature_grid=feature_grid)
+
+    def run(hidden_chunk: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        projected, _ = align_tokens(project(projector, hidden_chunk), stand_in, **grids)
+        return frame_similarity_rows(F.normalize(projected, dim=-1), y, start, distance=distance, tau=tau,
+                                     cumulative=cumulative, normalize_neighbour_sum=normalize_neighbour_sum)
+
+    pieces = []
+    for start in range(0, y.shape[1], chunk):
+        stop = min(start + chunk, y.shape[1])
+        if rows is None:
+            take = lambda h, a=start, b=stop: h[:, a:b]  # noqa: E731
+            put = lambda g, v, a=start, b=stop: g[:, a:b].copy_(v)  # noqa: E731
+        else:
+            idx = rows[start:stop]
+            take = lambda h, i=idx: h.index_select(1, i)  # noqa: E731
+            put = lambda g, v, i=idx: g.index_copy_(1, i, v)  # noqa: E731
+        pieces.append((start, stop, take, put))
+    return _Recomputed.apply(run, pieces, hidden_BTPD, *[p for p in projector.parameters() if p.requires_grad])
+
+
 def per_video_objective(total_BT: Tensor, normalize_by_frames: bool) -> Tensor:
     """V_b = Σ_f S(f), divided by T when normalize_by_frames."""
     v = total_BT.sum(dim=1)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
@@ -73,6 +73,8 @@ class ModelProfile:
     aliases: tuple[str, ...] = ()
     simpletuner_flavours: tuple[str, ...] = ()
     hub_id: str = ""
+    dit: dict = field(default_factory=dict, hash=False, compare=False)
+    """[model.x.dit]: `config` (the diffusers transformer's constructor arguments), `text_tokens`."""
 
     def latent_frames(self, frames: int) -> int:
         """Latent frames T for F pixel frames (F = 1 + tc·(T − 1))."""

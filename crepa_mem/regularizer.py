@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 from crepa_mem.config import CrepaConfig
 from crepa_mem.errors import CrepaConfigError, ShapeError
-from crepa_mem.loss import (LambdaSchedule, align_temporal, align_tokens, build_projector, frame_similarity,
-                   per_video_objective, project)
+from crepa_mem.loss import (LambdaSchedule, align_temporal, align_tokens, build_projector, chunked_frame_scores,
+                   feature_side, frame_similarity, per_video_objective, project)
 from crepa_mem.teacher.ladder import TeacherRunner, measured
 from crepa_mem.teacher.path import TeacherFeatures, encoder_dim
 
@@ -94,7 +94,6 @@ class CrepaRegularizer:
         # The projector may have been moved with the model (accelerator.prepare) after we were built:
         # compute where it is now.
         device = next(self.projector.parameters()).device
-        projected = project(self.projector, hidden_states.to(device))
         teacher_grid = dit_grid
         facts: dict[str, Any] = {}
         if frame_features is not None:
@@ -109,29 +108,41 @@ class CrepaRegularizer:
                                  f"{tuple(hidden_states.shape)}: expected latents (B, C, T, h, w) with the same B")
             if self.teacher is None:
                 raise ValueError("no teacher: backbone mode needs frame_features, otherwise pass an encoder/VAE")
-            result: TeacherFeatures = self._teacher_features(latents, projected.shape[1], dit_grid, step,
-                                                             projected.shape[2] if projected.ndim == 4 else None)
+            # The teacher runs first, with no autograd graph alive yet: the projector's saved tensors and
+            # output (≈1.5 GB for Wan 14B) would otherwise sit on the device through the whole teacher step.
+            result: TeacherFeatures = self._teacher_features(latents, hidden_states.shape[1], dit_grid, step,
+                                                             hidden_states.shape[2] if hidden_states.ndim == 4 else None)
             features, teacher_grid = result.features.to(device).float(), result.grid
             facts = {f"crepa_teacher_{k}": v for k, v in result.stats.items()}
+            del result  # a features copy in the stored dtype would otherwise live through the loss
             cfg = self.config  # an auto decision or a lossy rung (pooled alignment) may have changed it
         # An fp16 overflow step (GradScaler skips it) or a bad teacher input: no loss, and the schedule's
         # EMA never sees the NaN, so the cutoff still works for the rest of the run.
-        bad = [name for name, t in (("hidden states", projected), ("teacher features", features))
+        bad = [name for name, t in (("hidden states", hidden_states), ("teacher features", features))
                if not torch.isfinite(t).all()]
         if bad:
             return self._skip(" and ".join(bad), facts)
-        if features.shape[0] != projected.shape[0]:
+        if features.shape[0] != hidden_states.shape[0]:
             raise ShapeError(f"teacher features {tuple(features.shape)} and hidden states "
                              f"{tuple(hidden_states.shape)} have different batch sizes")
-        projected, features = align_temporal(projected, features)
         grids = (dit_grid, teacher_grid) if (cfg.true_grid and dit_grid and teacher_grid) else (None, None)
-        projected, features = align_tokens(projected, features, spatial_align=cfg.spatial_align,
-                                           projected_grid=grids[0], feature_grid=grids[1])
-        p = nn.functional.normalize(projected, dim=-1)
-        y = nn.functional.normalize(features, dim=-1)
-        total, self_sim = frame_similarity(p, y, distance=cfg.adjacent_distance, tau=cfg.adjacent_tau,
-                                           cumulative=cfg.cumulative_neighbors,
-                                           normalize_neighbour_sum=cfg.normalize_neighbour_sum)
+        similarity = dict(distance=cfg.adjacent_distance, tau=cfg.adjacent_tau, cumulative=cfg.cumulative_neighbors,
+                          normalize_neighbour_sum=cfg.normalize_neighbour_sum)
+        if cfg.loss_chunk > 0:  # frame chunks recomputed in backward: one chunk's activations at a time
+            side = feature_side(features, tuple(hidden_states.shape), spatial_align=cfg.spatial_align,
+                                projected_grid=grids[0], feature_grid=grids[1])
+            del features  # the aligned, normalised copy is all the chunks need
+            total, self_sim = chunked_frame_scores(self.projector, hidden_states.to(device), side, cfg.loss_chunk,
+                                                   spatial_align=cfg.spatial_align, projected_grid=grids[0],
+                                                   feature_grid=grids[1], **similarity)
+        else:
+            projected = project(self.projector, hidden_states.to(device))
+            projected, features = align_temporal(projected, features)
+            projected, features = align_tokens(projected, features, spatial_align=cfg.spatial_align,
+                                               projected_grid=grids[0], feature_grid=grids[1])
+            p = nn.functional.normalize(projected, dim=-1)
+            y = nn.functional.normalize(features, dim=-1)
+            total, self_sim = frame_similarity(p, y, **similarity)
         objective = per_video_objective(total, cfg.normalize_by_frames)
         score = total.mean().detach().item()
         if not math.isfinite(score):

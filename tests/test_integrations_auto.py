@@ -1,6 +1,7 @@
 """crepa_mem.integrations.auto against a simulated card: full-size Wan 2.1 VAE and DINOv2 on the fake cuda:0 of
 crepa_mem.trace.runtime, which raises torch.OutOfMemoryError when live bytes pass the card's size."""
 import copy
+import dataclasses
 import functools
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from crepa_mem.config import CrepaConfig
 from crepa_mem.integrations.auto import AutoTiers, encoder_profile, vae_profile
 from crepa_mem.planning.devices import DeviceInfo
-from crepa_mem.planning.ladder import AUTO_HEADROOM
+from crepa_mem.planning.ladder import AUTO_HEADROOM, BACKWARD_MARGIN
 from crepa_mem.planning.planner import plan
 from crepa_mem.profiles import get_vae
 from crepa_mem.teacher.ladder import MemoryReading, TeacherRunner
@@ -62,12 +63,27 @@ def test_the_runtime_choice_is_plans_choice_for_the_measured_budget(budget_mib):
                      compute_capability=None, pcie_gen=None, pcie_width=None, h2d_bytes_per_s=None)
     shape = decision["shape"]
     p = plan(decision["model"], gpu, frames=shape["frames"], height=shape["height"], width=shape["width"],
-             encoder="dinov2_vits14", headroom=AUTO_HEADROOM, teacher_gpus=[], host_ram_bytes=HOST)
+             encoder="dinov2_vits14", headroom=AUTO_HEADROOM, teacher_gpus=[], host_ram_bytes=HOST, train_gib=0,
+             feature_cache=False, may_drop_vae_encoder=False)
     assert p.fits and p.quality_level == 0
     assert {k: p.settings[k] for k in decision["settings"]} == decision["settings"]
     assert stats["ladder_steps"] == 0 and stats["rung"].startswith(
         f"encoder={p.settings['crepa_mem_encoder_tier']} vae={p.settings['crepa_mem_vae_tier']}")
     assert "crepa-mem auto on cuda:0" in decision["line"] and "budget" in decision["line"]
+
+
+def test_the_backward_reserve_is_the_training_models_block_for_a_catalog_dit():
+    from crepa_mem.planning.training import block_backward_bytes
+    from crepa_mem.profiles import get_model
+
+    runner, _ = _run(900 * MiB, encoder_tier="auto", vae_tier="auto")
+    figures = runner.record.decision["figures"]  # a Wan VAE and a 1536-wide DiT: Wan 2.1 1.3B, 9 × 128 × 128
+    assert figures["backward_reserve_bytes"] == block_backward_bytes(get_model("wan-2.1-1.3b"), frames=9, height=128,
+                                                                     width=128) > 0
+    ctx = runner.context(torch.empty(*LATENTS), 3, DIT["tokens"], 0)
+    unknown = dataclasses.replace(ctx, hidden_size=1000)  # no catalog DiT is 1000 wide: the 10 % margin
+    assert AutoTiers().budget(unknown, runner.config)["backward_reserve_bytes"] == int(
+        BACKWARD_MARGIN * unknown.reading.allocated_bytes)
 
 
 def test_more_memory_never_gives_a_slower_auto_choice():

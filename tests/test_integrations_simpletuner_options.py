@@ -88,7 +88,7 @@ def test_a_wan_lora_config_with_plan_write_merged_in_passes_simpletuners_parser(
     config = tmp_path / "config.json"
     shutil.copy(WAN, config)
     before = json.loads(config.read_text())
-    r = CliRunner().invoke(app, ["plan", "--model", "wan-2.1-1.3b", "--gpu", "8GB", "--train-gib", "5",
+    r = CliRunner().invoke(app, ["plan", "--model", "wan-2.1-1.3b", "--gpu", "8GB", "--train-gib", "5", "--no-feature-cache",
                                  "--host-ram", "64GiB", "--write", str(config), "--json"])
     assert r.exit_code == 0, r.output
     settings = json.loads(r.stdout)["settings"]

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -144,3 +145,63 @@ def test_invariants(frames, tokens, distance, tau, cumulative, seed):
     assert (selfs.abs() <= 1 + 1e-5).all()
     if distance == 0 or frames == 1:
         torch.testing.assert_close(same, torch.ones_like(same))
+
+
+# ---------------------------------------------------------------------------- the chunked loss phase
+from crepa_mem.loss import build_projector, chunked_frame_scores, feature_side, frame_similarity_rows  # noqa: E402
+
+
+@pytest.mark.parametrize("distance,cumulative,normalize", [(1, False, False), (2, True, True), (3, False, True),
+                                                           (0, False, False)])
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5])
+def test_rows_of_a_chunk_are_the_rows_of_the_whole_similarity(distance, cumulative, normalize, chunk):
+    g = torch.Generator().manual_seed(1)
+    p, y = torch.randn(2, 7, 5, 8, generator=g), torch.randn(2, 7, 5, 8, generator=g)
+    opts = dict(distance=distance, tau=0.7, cumulative=cumulative, normalize_neighbour_sum=normalize)
+    total, selfs = frame_similarity(p, y, **opts)
+    parts = [frame_similarity_rows(p[:, a:a + chunk], y, a, **opts) for a in range(0, 7, chunk)]
+    torch.testing.assert_close(torch.cat([t for t, _ in parts], 1), total, rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat([s for _, s in parts], 1), selfs, rtol=0, atol=0)
+
+
+def _whole(projector, hidden, features, **kw):
+    from crepa_mem.loss import align_temporal, align_tokens, project
+
+    projected, feats = align_temporal(project(projector, hidden), features)
+    projected, feats = align_tokens(projected, feats, spatial_align=kw.pop("spatial_align"),
+                                    projected_grid=kw.pop("projected_grid", None),
+                                    feature_grid=kw.pop("feature_grid", None))
+    return frame_similarity(F.normalize(projected, dim=-1), F.normalize(feats, dim=-1), **kw)
+
+
+@pytest.mark.parametrize("case", [
+    dict(frames=(6, 6), tokens=(4, 4)),                        # nothing to align
+    dict(frames=(6, 21), tokens=(6, 16)),                      # features subsampled, 1-D token resampling
+    dict(frames=(9, 4), tokens=(16, 9)),                       # hidden frames subsampled, 2-D bilinear
+    dict(frames=(5, 5), tokens=(4, 9), spatial_align=False),   # mean-pooled to one token
+    dict(frames=(5, 5), tokens=(6, 12), grids=((2, 3), (3, 4))),  # true grid
+])
+@pytest.mark.parametrize("chunk", [1, 2, 4, 100])
+def test_chunked_loss_and_gradient_equal_the_whole_computation(case, chunk):
+    g = torch.Generator().manual_seed(2)
+    (tp, tf), (p, n) = case["frames"], case["tokens"]
+    torch.manual_seed(0)
+    projector = build_projector(12, 8)
+    hidden = torch.randn(2, tp, p, 12, generator=g, requires_grad=True)
+    features = torch.randn(2, tf, n, 8, generator=g)
+    grids = case.get("grids", (None, None))
+    kw = dict(spatial_align=case.get("spatial_align", True), projected_grid=grids[0], feature_grid=grids[1],
+              distance=2, tau=1.0, cumulative=True, normalize_neighbour_sum=True)
+    total, selfs = _whole(projector, hidden, features, **dict(kw))
+    loss = -total.sum(1).mean()
+    grads = torch.autograd.grad(loss, [hidden, *projector.parameters()])
+    side = feature_side(features, tuple(hidden.shape), spatial_align=kw["spatial_align"],
+                        projected_grid=grids[0], feature_grid=grids[1])
+    c_total, c_selfs = chunked_frame_scores(projector, hidden, side, chunk, **kw)
+    c_loss = -c_total.sum(1).mean()
+    c_grads = torch.autograd.grad(c_loss, [hidden, *projector.parameters()])
+    torch.testing.assert_close(c_total, total, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(c_selfs, selfs, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(c_loss, loss, rtol=1e-6, atol=0)
+    for a, b in zip(c_grads, grads):  # relative to the norm: chunks sum the weight gradient in another order
+        assert (a - b).norm() <= 1e-6 * b.norm()

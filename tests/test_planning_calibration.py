@@ -19,7 +19,7 @@ def _trace(case: dict) -> int:
     s = TeacherSettings(encoder_tier=case["encoder_tier"], vae_tier=case["vae_tier"],
                         chunk=chunk if chunk and chunk > 0 else None, encoder_dtype=case["encoder_dtype"],
                         vae_tiling=case.get("vae_tiling", False), drop_vae_encoder=case.get("drop_vae_encoder", False))
-    return trace_candidate(w, s).peak_bytes
+    return trace_candidate(w, s).teacher_peak_bytes
 
 
 def test_there_are_enough_cases():

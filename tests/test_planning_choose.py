@@ -24,12 +24,12 @@ def test_ramtorch_wins_with_resident_chunks_when_transfers_are_not_hidden():
     # ViT-g fp32 over a 1 GB/s link: its 4.2 GiB of copies outlast its compute, so every chunk kept saves time
     card = from_size(24 * GiB, "24GiB")
     card.h2d_bytes_per_s = 10**9
-    p = plan("wan-2.1-14b", card, train_gib=17, host_ram_bytes=256 * GiB, teacher_gpus=[])
+    p = plan("wan-2.1-14b", card, train_gib=17, host_ram_bytes=256 * GiB, teacher_gpus=[], feature_cache=False)
     s = p.settings
     assert s["crepa_mem_encoder_tier"] == "stream" and s["crepa_mem_stream_engine"] == "ramtorch"
     assert s["crepa_mem_stream_resident_chunks"] > 0 and p.fits
     assert any("chosen because fewer bytes moved" in r for r in p.reasons)
-    one_more = plan("wan-2.1-14b", card, train_gib=17.5, host_ram_bytes=256 * GiB, teacher_gpus=[])
+    one_more = plan("wan-2.1-14b", card, train_gib=17.5, host_ram_bytes=256 * GiB, teacher_gpus=[], feature_cache=False)
     assert one_more.settings["crepa_mem_stream_resident_chunks"] <= s["crepa_mem_stream_resident_chunks"]
 
 

@@ -26,7 +26,10 @@ def test_exact_terms_on_the_reference_workload():
     assert c["vae_weights"] == (WAN14.vae.params_encoder + WAN14.vae.params_decoder) * 2
     assert c["features"] == 21 * 1369 * 1536 * 2  # REFERENCE §6: 21 frames bf16 ≈ 88 MB
     assert c["features"] == pytest.approx(88 * MB, rel=0.01)
-    assert c["hidden_fp32"] == 21 * 1560 * 5120 * 4
+    rows, aligned = 21 * 1560, 21 * 1369 * 1536 * 4  # projected rows; y, the aligned fp32 features
+    # the forward at its peak: fp32 copy, LayerNorm and Linear outputs, projected side resampled and normalised, y + a product
+    assert c["loss_activations"] == 2 * rows * 5120 * 4 + rows * 1536 * 4 + 4 * aligned
+    assert c["features_fp32"] == aligned  # the bf16 features, cast (the bf16 copy is freed)
     assert "decoded_video" not in c  # Wan is decoded a latent frame at a time: 4 pixel frames alive
     assert c["decoded_frames"] == 4 * 3 * 480 * 832 * 2
     assert c["vae_decode_cache"] + c["vae_decode_activations"] == E.vae_decode_activation_bytes(
@@ -116,12 +119,12 @@ def test_decode_scaling_differs_by_family():
 def test_spatial_align_off_pools_in_the_loss():
     on, off = est(), est(spatial_align=False)
     assert off.components["features"] == on.components["features"]  # the teacher returns every token
-    assert off.components["alignment_tensors"] < on.components["alignment_tensors"]
-    assert off.components["hidden_fp32"] == on.components["hidden_fp32"]  # the projector still sees every token
+    assert off.components["loss_activations"] < on.components["loss_activations"]
+    assert off.components["loss_activations"] >= 3 * 21 * 1560 * 5120 * 4  # the projector still sees every token
 
 
 def test_batch_and_smaller_encoders():
-    assert est(batch=2).components["hidden_fp32"] == 2 * est().components["hidden_fp32"]
+    assert est(batch=2).components["loss_activations"] == 2 * est().components["loss_activations"]
     s = get_encoder("dinov2_vits14")
     assert est(encoder=s, image_size=224).components["features"] == 21 * 256 * 384 * 4
     assert est(encoder=s).peak_bytes < est().peak_bytes
@@ -155,3 +158,15 @@ def test_bad_inputs():
 def test_flops_anchor():
     # REFERENCE §6: ≈ 3.0 TFLOP per frame for the matmuls; attention adds ~0.5
     assert 3.0e12 <= E.encoder_flops_per_frame(G, 518) <= 3.7e12
+
+
+def test_chunked_loss_phase_and_h2d_per_step():
+    whole, chunked = est(encoder_tier="cache", vae_tier="cache"), est(encoder_tier="cache", vae_tier="cache", loss_chunk=1)
+    assert chunked.phase_bytes["loss"] < whole.phase_bytes["loss"] / 2 and "loss_activations" not in chunked.components
+    assert chunked.components["hidden_grad"] == 21 * 1560 * 5120 * 2  # bf16, written chunk by chunk
+    stream = est(encoder_tier="stream", vae_tier="stream", vae_tiling=True, frames_per_chunk=1)
+    # the encoder once per step (layer-major); Wan's decoder once per latent frame and tile (3 × 5 tiles at 480×832)
+    assert stream.h2d == {"encoder": G.params * 4, "vae": WAN14.vae.params_decoder * 2 * 21 * 15}
+    assert est(encoder_tier="swap", vae_tier="swap").h2d == {"encoder": G.params * 4,
+                                                             "vae": E.vae_weight_bytes(WAN14.vae, "bf16", False)}
+    assert est().h2d == {"encoder": 0, "vae": 0} and est().to_dict()["h2d_bytes"] == est().h2d

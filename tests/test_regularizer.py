@@ -265,3 +265,56 @@ def test_logs_carry_each_components_tier_facts():
     assert logs["crepa_teacher_encoder_tier"] == "swap" and logs["crepa_teacher_encoder_host_pinned"] is False
     assert logs["crepa_teacher_vae_tier"] == "stream" and logs["crepa_teacher_vae_engine"] == "diffusers.group_offloading"
     assert logs["crepa_teacher_chunk_frames"] == 2 and logs["crepa_teacher_retries"] == 0
+
+
+@pytest.mark.parametrize("chunk", [1, 2, -1])
+@pytest.mark.parametrize("tier", ["gpu", "swap", "stream", "device"])
+def test_teacher_runs_before_the_projection_with_the_same_loss_and_gradient(tier, chunk):
+    """The projector's graph must not exist while the teacher holds the device; the math is unchanged."""
+    from crepa_mem.loss import align_temporal, align_tokens, frame_similarity, per_video_objective, project
+
+    cfg = CrepaConfig.from_dict({"crepa_enabled": True, "crepa_encoder_image_size": 70,
+                                 "crepa_encoder_frames_batch_size": chunk, "crepa_mem_encoder_tier": tier,
+                                 "crepa_mem_vae_tier": tier, "crepa_mem_teacher_device": "cpu"})
+    reg = CrepaRegularizer(cfg, hidden_size=D_DIT, encoder=tiny_dinov2(), vae=tiny_vae("wan"), device="cpu")
+    events = []
+    reg.teacher.path.on_chunk = lambda n: events.append("encode")
+    hook = reg.projector.register_forward_pre_hook(lambda *_: events.append("project"))
+    lat, hidden = _setup()
+    loss, _ = reg.compute_loss(hidden, lat, step=0)
+    hook.remove()
+    assert events[-1] == "project" and events.count("project") == 1 and "encode" in events
+    (grad,) = torch.autograd.grad(loss, hidden)
+    # The order this replaced: project first, then the teacher, same functions.
+    projected = project(reg.projector, hidden)
+    features = reg.teacher.path.features(lat, hidden.shape[1]).features.float()
+    projected, features = align_temporal(projected, features)
+    projected, features = align_tokens(projected, features, spatial_align=True)
+    total, _ = frame_similarity(nn.functional.normalize(projected, dim=-1), nn.functional.normalize(features, dim=-1),
+                                distance=cfg.adjacent_distance, tau=cfg.adjacent_tau,
+                                cumulative=cfg.cumulative_neighbors,
+                                normalize_neighbour_sum=cfg.normalize_neighbour_sum)
+    ref = -per_video_objective(total, cfg.normalize_by_frames).mean() * cfg.lambda_
+    (ref_grad,) = torch.autograd.grad(ref, hidden)
+    torch.testing.assert_close(loss, ref, rtol=0, atol=0)
+    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("loss_chunk", [1, 2, 5])
+@pytest.mark.parametrize("options", [{}, {"crepa_encoder_image_size": 84}, {"crepa_spatial_align": False}])
+def test_chunked_loss_phase_gives_the_same_loss_and_gradient(loss_chunk, options):
+    results = []
+    for chunk in (-1, loss_chunk):
+        cfg = CrepaConfig.from_dict({"crepa_enabled": True, "crepa_encoder_image_size": 70,
+                                     "crepa_mem_loss_chunk": chunk, **options})
+        torch.manual_seed(0)
+        reg = CrepaRegularizer(cfg, hidden_size=D_DIT, encoder=tiny_dinov2(), vae=tiny_vae("wan"), device="cpu")
+        lat, hidden = _setup()
+        loss, logs = reg.compute_loss(hidden, lat, step=0)
+        grads = torch.autograd.grad(loss, [hidden, *reg.projector.parameters()])
+        results.append((loss.detach(), grads, logs))
+    (l0, g0, logs0), (l1, g1, logs1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=0)
+    for a, b in zip(g1, g0):  # relative to the gradient's norm: chunks sum the weight gradient in another order
+        assert (a - b).norm() <= 1e-6 * b.norm()
+    assert logs1["crepa_alignment_score"] == pytest.approx(logs0["crepa_alignment_score"], rel=1e-6)

@@ -16,6 +16,10 @@ def _lat(seed=0):
     return torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(seed))
 
 
+def _hooked(module) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in module.modules())
+
+
 class _Scripted:
     """A policy that walks a fixed list of rungs (the planner's ladder is tested in test_integrations_auto)."""
 
@@ -68,7 +72,35 @@ def test_an_oom_steps_down_frees_the_failed_rung_and_gives_the_same_features():
     torch.testing.assert_close(out.features, want)
     assert out.stats["ladder_steps"] == 1 and runner.config == lower and runner.encoder.tier == "swap"
     assert "encoder=stream" in runner.record.tried[0] and "VAE decode" in runner.record.tried[0]
-    assert getattr(enc, "_diffusers_hook", None) is None or enc._diffusers_hook.get_hook("group_offloading") is None
+    assert _hooked(enc) == 0  # the failed rung's stream hooks are gone
+
+
+def test_a_shared_vae_never_moves_a_rung_that_moves_it_works_on_a_host_copy(monkeypatch):
+    """SimpleTuner keeps using its VAE where it put it: stepping down from `gpu` must not move, hook or tile it."""
+    vae, enc = tiny_vae("wan"), tiny_dinov2()
+    cfg = CrepaConfig(encoder_image_size=70, vae_tier="gpu")
+    want = build_path(copy.deepcopy(enc), copy.deepcopy(vae), cfg, torch.device("cpu")).features(_lat(), 3).features
+    lower = cfg.replace(vae_tier="stream", vae_tiling=True)
+    runner = TeacherRunner(cfg, encoder=enc, vae=None, compute_device="cpu", policy=_Scripted(lower))
+    runner.set_vae(vae, shared=True)
+    assert runner.path.vae.module is vae  # the gpu rung uses the trainer's VAE as it is
+    moved = []
+    real_move = ladder.move_module
+    monkeypatch.setattr(ladder, "move_module", lambda m, *a, **k: (moved.append(m), real_move(m, *a, **k))[1])
+    calls = {"n": 0}
+
+    def oom_once(module, args):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise torch.OutOfMemoryError("injected")
+
+    hook = vae.decoder.register_forward_pre_hook(oom_once)
+    out = runner.features(_lat(), 3)
+    hook.remove()
+    torch.testing.assert_close(out.features, want)
+    assert runner.config == lower and runner.path.vae.module is not vae and runner.path.vae.module is runner._vae_copy
+    assert all(m is not vae for m in moved) and not getattr(vae, "use_tiling", False)
+    assert getattr(vae.decoder, "_diffusers_hook", None) is None  # no group offloading on the trainer's decoder
 
 
 def test_after_the_last_rung_it_raises_with_every_rung_tried():
@@ -90,12 +122,16 @@ def test_without_a_policy_the_paths_own_message_stands():
 
 
 def test_release_takes_the_stream_hooks_off_and_the_weights_to_the_host():
-    enc = tiny_dinov2()
-    path = build_path(enc, None, CrepaConfig(encoder_tier="stream"), torch.device("cpu"))
-    assert enc._diffusers_hook.get_hook("group_offloading") is not None
+    enc, vae = tiny_dinov2(), tiny_vae("wan")
+    path = build_path(enc, vae, CrepaConfig(encoder_tier="stream", vae_tier="stream"), torch.device("cpu"))
+    assert _hooked(enc) > 0 and vae.decoder._diffusers_hook.get_hook("group_offloading") is not None
     release(path.encoder)
-    assert enc._diffusers_hook.get_hook("group_offloading") is None and devices_of(enc) == {"cpu"}
-    build_path(enc, None, CrepaConfig(encoder_tier="stream"), torch.device("cpu"))  # placeable again
+    release(path.vae)
+    assert _hooked(enc) == 0 and devices_of(enc) == {"cpu"}
+    assert all(getattr(m, "_diffusers_hook", None) is None or m._diffusers_hook.get_hook("group_offloading") is None
+               for m in vae.decoder.modules())
+    path = build_path(enc, vae, CrepaConfig(encoder_tier="stream", vae_tier="stream"), torch.device("cpu"))
+    assert path.features(_lat(), 3).features.isfinite().all()  # placeable and runnable again
 
 
 def _fake_cuda(monkeypatch, allocated, peaks):

@@ -58,3 +58,29 @@ def test_a_budget_makes_the_fake_gpu_run_out_of_memory_like_a_card():
         del x
         torch.empty(2048, device=FAKE_GPU)                      # freed memory is usable again
         torch.empty(10**6)                                      # the host has no budget
+
+
+def test_count_as_puts_the_cpu_side_of_a_backward_on_the_fake_gpu():
+    """A CPU-only autograd engine cannot run a backward of CUDA tensors: the loss side runs on fake CPU
+    tensors counted on the fake GPU, and only what is made inside the block moves over."""
+    with fake_gpu() as t:
+        host = torch.empty(1000)                       # made before: stays the host's
+        with t.count_as("cpu", FAKE_GPU), torch.enable_grad():
+            x = torch.empty(10, 8, requires_grad=True)
+            w = torch.empty(8, 3, requires_grad=True)
+            (x @ w).sum().backward()
+        assert t.live_bytes("cpu") == host.untyped_storage().nbytes()
+        # x, w and their gradients live on; the (10, 3) product (freed after the sum) and the scalars are gone
+        assert t.live_bytes(FAKE_GPU) == 2 * (10 * 8 + 8 * 3) * 4
+        assert t.peak_bytes(FAKE_GPU) == t.live_bytes(FAKE_GPU) + 2 * 4  # + the sum and backward's seed
+
+
+def test_scalar_reads_take_the_healthy_path_and_h2d_copies_are_counted():
+    with fake_gpu() as t:
+        x = torch.empty(4, 4, device=FAKE_GPU)
+        assert bool(torch.isfinite(x).all()) and not bool(torch.isnan(x).any()) and x.sum().item() == 1.0
+        with t.phase("decode"):
+            torch.empty(256, dtype=torch.bfloat16).to(FAKE_GPU)
+            x.copy_(torch.empty(4, 4))
+        torch.empty(8).to(FAKE_GPU)
+    assert t.h2d["decode"] == 256 * 2 + 16 * 4 and t.h2d["all"] == t.h2d["decode"] + 8 * 4

@@ -4,7 +4,8 @@ At the first teacher step (between the DiT's forward and its backward) the runne
 device; `AutoTiers.choose` turns that into a budget —
 
     free for the teacher = free (driver free + allocator reserved-unallocated) + the teacher's own modules
-                           already on the device − backward_reserve_bytes(allocated, trainable params)
+                           already on the device − backward_reserve_bytes(one DiT block's saved tensors from the
+                           training model, or 10 % of allocated; trainable params' grads and Adam states)
     budget               = free for the teacher − AUTO_HEADROOM × total
 
 — and takes the first rung of the planner's ladder that fits (crepa_mem.planning.ladder: exactly what
@@ -28,6 +29,7 @@ from torch import nn
 
 from crepa_mem.config import AUTO_TIER, CrepaConfig
 from crepa_mem.planning import ladder as L
+from crepa_mem.planning import training as tr
 from crepa_mem.planning.devices import DeviceInfo
 from crepa_mem.profiles import EncoderProfile, ModelProfile, VaeProfile, get_encoder, list_models
 from crepa_mem.teacher.ladder import TeacherContext, rung_label
@@ -107,6 +109,25 @@ def workload(ctx: TeacherContext, cfg: CrepaConfig) -> tuple[ModelProfile, dict[
     return model, shape
 
 
+def catalog_dit(ctx: TeacherContext) -> ModelProfile | None:
+    """The catalog DiT this run trains, when its VAE and width identify one (for the training model)."""
+    if ctx.vae is None or not ctx.hidden_size:
+        return None
+    vp = vae_profile(ctx.vae)
+    return next((m for m in list_models() if m.vae.diffusers_class == vp.diffusers_class
+                 and m.vae.latent_channels == vp.latent_channels and m.hidden_size == ctx.hidden_size
+                 and m.family in tr.CALIBRATION), None)
+
+
+def backward_working_bytes(ctx: TeacherContext, cfg: CrepaConfig) -> int | None:
+    """The training model's backward working set for this step's shape; None when the DiT is not known."""
+    dit = catalog_dit(ctx)
+    if dit is None:
+        return None
+    _, shape = workload(ctx, cfg)
+    return tr.block_backward_bytes(dit, **shape)
+
+
 def _rank() -> str:
     rank = os.environ.get("RANK") or os.environ.get("LOCAL_RANK")
     return f" rank {rank}" if rank is not None else ""
@@ -136,14 +157,15 @@ class AutoTiers:
             self._cache[key] = (rungs, model, enc, shape)
         return self._cache[key]
 
-    def budget(self, ctx: TeacherContext) -> dict[str, int] | None:
+    def budget(self, ctx: TeacherContext, cfg: CrepaConfig) -> dict[str, int] | None:
         """The measured figures and the budget they give; None on a device that reports no memory (CPU)."""
         r = ctx.reading
         if r.total_bytes is None or r.free_bytes is None:
             return None
         params, nbytes = self.trainable() if self.trainable is not None else (0, 0)
         reserve = L.backward_reserve_bytes(r.allocated_bytes, trainable_params=params, trainable_bytes=nbytes,
-                                           optimizer_states_allocated=ctx.step > 0)
+                                           optimizer_states_allocated=ctx.step > 0,
+                                           working_bytes=backward_working_bytes(ctx, cfg))
         free = r.free_bytes + r.teacher_resident_bytes - reserve
         return dict(total_bytes=r.total_bytes, free_bytes=r.free_bytes, allocated_bytes=r.allocated_bytes,
                     reserved_bytes=r.reserved_bytes, teacher_resident_bytes=r.teacher_resident_bytes,
@@ -158,7 +180,7 @@ class AutoTiers:
                           pcie_width=None, h2d_bytes_per_s=self.h2d_bytes_per_s, source="runtime")
 
     def choose(self, cfg: CrepaConfig, ctx: TeacherContext) -> tuple[CrepaConfig, dict[str, Any]]:
-        figures = self.budget(ctx)
+        figures = self.budget(ctx, cfg)
         rungs, model, _, shape = self.rungs(cfg, ctx, self._gpu(ctx, figures))
         if not rungs:
             raise ValueError("no teacher configuration is possible here (host RAM too small for swap/stream?)")
@@ -181,7 +203,7 @@ class AutoTiers:
                         "estimate_bytes": rung.peak_bytes, "model": model, "shape": shape}
 
     def step_down(self, cfg: CrepaConfig, ctx: TeacherContext, tried: list[CrepaConfig]) -> CrepaConfig | None:
-        rungs, model, enc, shape = self.rungs(cfg, ctx, self._gpu(ctx, self.budget(ctx)), free_tiers=True)
+        rungs, model, enc, shape = self.rungs(cfg, ctx, self._gpu(ctx, self.budget(ctx, cfg)), free_tiers=True)
         current = L.rung_of(rungs, cfg)
         failed = current.peak_bytes if current else L.estimate_of(model, enc, cfg, **shape).peak_bytes
         done = {r.key for c in tried if (r := L.rung_of(rungs, c)) is not None}

@@ -19,7 +19,6 @@ Hidden states come from SimpleTuner's own capture (shaped (B, T', P, D)), so no 
 """
 from __future__ import annotations
 
-import copy
 import logging
 import sys
 from dataclasses import fields
@@ -281,29 +280,20 @@ class CrepaRegularizer:
             raise ValueError("CREPA requires a VAE to decode latents back to pixel space.")
         if known is not None and self._vae_source is vae:
             return
+        from crepa_mem.teacher.placement import host_copy
         from crepa_mem.teacher.tiers import place
         from crepa_mem.teacher.vae import prepare_vae
 
         cfg = self.crepa_config
         # SimpleTuner validates and caches with this same VAE object, where it put it: a tier that moves
         # weights (or tiling, or dropping the encoder) works on a host copy of its own, never on SimpleTuner's.
-        own = vae if (cfg.vae_tier == "gpu" and not cfg.vae_tiling and not cfg.drop_vae_encoder) else _host_copy(vae)
         self._vae_source = vae
         if isinstance(teacher, TeacherRunner):  # placed on its tier (decided at the first step for `auto`)
-            teacher.set_vae(own)
+            teacher.set_vae(vae, shared=True)  # a rung that moves it works on a host copy (see set_vae)
             return
+        own = vae if (cfg.vae_tier == "gpu" and not cfg.vae_tiling and not cfg.drop_vae_encoder) else host_copy(vae)
         teacher.vae = place(prepare_vae(own, cfg), cfg.vae_tier, compute_device=self.device,
                             teacher_device=cfg.teacher_device)
-
-
-def _host_copy(module: nn.Module) -> nn.Module:
-    """A separate copy of `module` with its tensors on the CPU, made without allocating on its device."""
-    memo: dict[int, Any] = {}
-    for p in module.parameters():
-        memo[id(p)] = nn.Parameter(p.detach().to("cpu", copy=True), requires_grad=False)
-    for b in module.buffers():
-        memo[id(b)] = b.detach().to("cpu", copy=True)
-    return copy.deepcopy(module, memo)
 
 
 def patch_simpletuner() -> list[str]:

@@ -31,18 +31,14 @@ def _teacher_frames(ctx: Any) -> int:
     return ctx.batch * min(ctx.frames, ctx.model.latent_frames(ctx.frames))
 
 
-def moved_weights(ctx: Any, enc: EncoderProfile, c: Any) -> dict[str, int]:
-    """Weight bytes over PCIe per step: swap once; stream once per encoder call (both engines)."""
-    w = weights(ctx.model, enc, c)
-    if c.encoder_tier == "stream":
-        w["encoder"] = engines.moved_bytes(enc, c.level.encoder_dtype, c.stream_engine, c.resident_chunks,
-                                           engines.encoder_calls(_teacher_frames(ctx), c.chunk))
-    return w
-
-
-def with_engine(e: est.Estimate, enc: EncoderProfile, c: Any) -> est.Estimate:
+def with_engine(ctx: Any, e: est.Estimate, enc: EncoderProfile, c: Any) -> est.Estimate:
+    """`e` with RamTorch's device bytes and its weight traffic (once per encoder call, less the resident chunks)
+    in place of the default engine's, when the encoder streams through RamTorch."""
     if c.encoder_tier == "stream" and c.stream_engine == "ramtorch":
-        return engines.with_ramtorch(e, enc, c.level.encoder_dtype, c.resident_chunks)
+        r = engines.with_ramtorch(e, enc, c.level.encoder_dtype, c.resident_chunks)
+        r.h2d = {**e.h2d, "encoder": engines.moved_bytes(enc, c.level.encoder_dtype, "ramtorch", c.resident_chunks,
+                                                         engines.encoder_calls(_teacher_frames(ctx), c.chunk))}
+        return r
     return e
 
 

@@ -65,10 +65,12 @@ def encoder_calls(teacher_frames: int, frames_per_chunk: int) -> int:
 
 
 def moved_bytes(encoder: EncoderProfile, dtype: str, engine: str, resident: int, calls: int) -> int:
-    """Encoder weight bytes that cross PCIe per training step on the `stream` tier."""
+    """Encoder weight bytes that cross PCIe per training step on the `stream` tier: RamTorch streams its chunks
+    once per encoder call; the default engine runs layer-major (crepa_mem.teacher.stream.BlockStream), so each
+    layer crosses once per step whatever the number of calls."""
     if engine == "ramtorch":
         return calls * ramtorch_bytes(encoder, dtype, resident)["streamed_bytes"]
-    return calls * encoder.params * dtype_bytes(dtype)
+    return encoder.params * dtype_bytes(dtype)
 
 
 def host_bytes(encoder: EncoderProfile, dtype: str, engine: str, resident: int, nvme: bool) -> int:

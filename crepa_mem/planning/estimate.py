@@ -9,7 +9,8 @@ phases names them joined by '+', e.g. the features live from `encode` through `l
     resident  alive the whole run (tier-`gpu` weights, the projector with its grad and Adam state)
     decode    the VAE decoding the batch's clean latents (no grad); Wan one latent frame at a time
     encode    one chunk of selected frames resized, normalised and run through the encoder (no grad)
-    loss      fp32 copy of the captured block output → projector → resample → cosine terms, + backward
+    loss      after the teacher let go: features (fp32) → the projection, alignment and cosine terms of the
+              captured block output, and their backward (in frame chunks with crepa_mem_loss_chunk)
 peak = the largest phase total (each total includes the resident terms).
 
 Tiers change where weights live: gpu = resident; swap = on the device for the module's own phase only
@@ -56,6 +57,9 @@ CALIBRATION = {
     "vae_stream_fraction": 0.3,
     # diffusers group offloading (crepa_mem.tiers_stream): the running encoder layer plus the prefetched one.
     "stream_window": 2,
+    # The chunked loss phase (crepa_mem_loss_chunk): live fp32 elements per chunk row, × D_dit and × D_enc.
+    "loss_chunk_rows_d": 4,
+    "loss_chunk_rows_e": 1,
     # Bytes per trainable projector parameter: fp32 weight + grad + Adam exp_avg + exp_avg_sq.
     "projector_bytes_per_param": 16,
 }
@@ -79,6 +83,7 @@ class Estimate:
     peak_phase: str = "resident"
     phase_bytes: dict[str, int] = field(default_factory=dict)
     inputs: dict = field(default_factory=dict)
+    h2d: dict[str, int] = field(default_factory=dict)  # host → device bytes per step: vae, encoder
 
     def __post_init__(self) -> None:
         self.phase_bytes = {p: sum(t.bytes for t in self.terms if t.alive_in(p)) for p in PHASES}
@@ -94,7 +99,8 @@ class Estimate:
         return {"total_bytes": self.peak_bytes, "peak_phase": self.peak_phase,
                 "components": self.components,
                 "phases": {p: self.phase_bytes[p] for p in ("resident", *PHASES)},
-                "terms": [{"name": t.name, "bytes": t.bytes, "phase": t.phase} for t in self.terms]}
+                "terms": [{"name": t.name, "bytes": t.bytes, "phase": t.phase} for t in self.terms],
+                "h2d_bytes": dict(self.h2d)}
 
 
 # ---------------------------------------------------------------------------- pieces (all pure)
@@ -157,6 +163,29 @@ def vae_weight_bytes(vae: VaeProfile, dtype: str, drop_encoder: bool) -> int:
     return (vae.params_decoder + (0 if drop_encoder else vae.params_encoder)) * dtype_bytes(dtype)
 
 
+def decoder_calls(vae: VaeProfile, latent_frames: int, height: int, width: int, tiling: bool) -> int:
+    """Decoder forward calls per sample: Wan decodes one latent frame per call (in every tile when tiled,
+    diffusers' loop over tiles at the latent stride); the others decode once, or once per tile."""
+    tiles = 1
+    if tiling and max(height, width) > vae.tile_sample_min:
+        stride = vae.tile_sample_stride
+        tiles = -(-height // stride) * -(-width // stride)
+    per_frame = vae.diffusers_class == "AutoencoderKLWan"
+    return tiles * (latent_frames if per_frame else 1)
+
+
+def h2d_bytes(vae: VaeProfile, encoder: EncoderProfile, *, latent_frames: int, height: int, width: int,
+              vae_tier: str, encoder_tier: str, vae_dtype: str, encoder_dtype: str, tiling: bool,
+              drop_vae_encoder: bool) -> dict[str, int]:
+    """Weights copied host → device per step. swap: the module once; stream: the encoder once (layer-major,
+    crepa_mem.teacher.stream.BlockStream), the VAE decoder once per decoder call (diffusers group offloading
+    moves each block in and out per call; the causal cache of Wan ties a call to one latent frame)."""
+    vae_w, enc_w = vae_weight_bytes(vae, vae_dtype, drop_vae_encoder), encoder.params * dtype_bytes(encoder_dtype)
+    calls = decoder_calls(vae, latent_frames, height, width, tiling)  # the batch goes through each call together
+    return {"vae": {"swap": vae_w, "stream": vae.params_decoder * dtype_bytes(vae_dtype) * calls}.get(vae_tier, 0),
+            "encoder": {"swap": enc_w, "stream": enc_w}.get(encoder_tier, 0)}
+
+
 def projector_params(d_dit: int, d_enc: int) -> int:
     """LayerNorm(D_dit) weight+bias and Linear(D_dit → D_enc) weight+bias."""
     return 2 * d_dit + d_dit * d_enc + d_enc
@@ -168,7 +197,7 @@ def estimate(model: ModelProfile, encoder: EncoderProfile, *, frames: int, heigh
              image_size: int = 518, encoder_dtype: str = "fp32", vae_dtype: str = "bf16", dit_dtype: str = "bf16",
              encoder_tier: str = "gpu", vae_tier: str = "gpu", vae_tiling: bool = False,
              drop_vae_encoder: bool = False, frames_per_chunk: int | None = None,
-             spatial_align: bool = True) -> Estimate:
+             spatial_align: bool = True, loss_chunk: int | None = None) -> Estimate:
     """Bytes CREPA adds on the training GPU for one configuration (see the module docstring)."""
     for key, tier in (("crepa_mem_encoder_tier", encoder_tier), ("crepa_mem_vae_tier", vae_tier)):
         if tier not in (*ON_GPU, "device", "cache"):
@@ -236,35 +265,57 @@ def estimate(model: ModelProfile, encoder: EncoderProfile, *, frames: int, heigh
         add("encoder_input", chunk * 3 * (height * width * vb + image_size * image_size
                                           * (vb + CALIBRATION["encoder_input_copies"] * eb)), "encode")
         add("encoder_activations", encoder_activation_bytes(encoder, image_size, chunk, encoder_dtype), "encode")
+        if encoder_tier == "stream" and chunk < total_frames:  # layer-major: one layer's states of every chunk
+            add("encoder_layer_states", (total_frames - chunk) * encoder_tokens(encoder, image_size)[1]
+                * encoder.hidden_size * eb, "encode")
 
-    # -- features (B, T_sel, N, D) in the encoder dtype: allocated at the first encoded chunk, then
-    # carried to the loss; from the cache or the other device they arrive just before the loss
-    feat_phase = "encode+loss" if encoder_tier in ON_GPU else "loss"
-    add("features", total_frames * n_enc * d_enc * eb, feat_phase)
-
-    # -- loss: fp32 path of the captured block output, with what backward holds
+    # -- features (B, T_sel, N, D) in the encoder dtype: allocated at the first encoded chunk; from the cache
+    # or the other device they arrive after the teacher step. The loss holds them as fp32 (the stored-dtype
+    # copy is freed once cast).
+    # -- loss (trace: crepa_mem.trace.call, the real compute_loss and its backward), the teacher released.
+    # Legend here: M = B·T'·P projected rows, F·t·E the aligned features (t = min(P, N) tokens, or 1).
     rows = batch * t_lat
-    hidden = rows * p_dit * d_dit
-    add("hidden_fp32", hidden * 4 if dit_dtype != "fp32" else 0, "loss")
-    add("projector_activations", (hidden + rows * p_dit * d_enc) * 4, "loss")  # LayerNorm out + Linear out
-    # Spatial alignment: each side whose token count differs from min(P, N) is resampled, then both are
-    # L2-normalised; without it both sides are mean-pooled to one token (tiny).
+    m_rows = rows * p_dit
     target = min(p_dit, n_enc) if spatial_align else 1
-    proj_side = rows * target * d_enc * 4 * ((p_dit != target) + 1)
-    feat_side = total_frames * d_enc * 4 * (n_enc * (encoder_dtype != "fp32") + target * ((n_enc != target) + 1))
-    add("alignment_tensors", proj_side + feat_side, "loss")
-    # Backward through the projector: the gradient of its output and of its input, both fp32.
-    add("loss_backward", rows * p_dit * (d_dit + d_enc) * 4, "loss")
+    aligned = total_frames * target * d_enc * 4  # y: the features aligned and L2-normalised, fp32
+    chunked = loss_chunk is not None and 0 < loss_chunk < rows // batch
+    on_gpu = "encode+" if encoder_tier in ON_GPU else ""
+    held = eb == 4 and not chunked  # fp32 features are the loss's own; a cast copy or y replaces the others
+    if on_gpu or held:
+        add("features", total_frames * n_enc * d_enc * eb, on_gpu + "loss" if held else "encode")
+    if not chunked:
+        if not held:
+            add("features_fp32", total_frames * n_enc * d_enc * 4, "loss")
+        # Forward: fp32 hidden copy and LayerNorm output (both saved), the Linear's output, the projected side
+        # resampled (when P ≠ t) and normalised, y, one product temporary. Backward, at the Linear's
+        # gradient: the fp32 copy, LayerNorm output and its gradient, y. The larger of the two.
+        proj_side = rows * target * d_enc * 4 * ((p_dit != target) + 1)
+        forward = 2 * m_rows * d_dit * 4 + m_rows * d_enc * 4 + proj_side + 2 * aligned
+        backward = 3 * m_rows * d_dit * 4 + aligned
+        add("loss_activations", max(forward, backward), "loss")
+    else:  # crepa_mem_loss_chunk: features → y once (then freed), chunks recomputed in backward
+        add("features_aligned", aligned, "loss")
+        add("hidden_grad", m_rows * d_dit * dtype_bytes(dit_dtype), "loss")  # written chunk by chunk
+        m_chunk = batch * loss_chunk * p_dit
+        # One chunk's recompute and its gradients (fitted on crepa_mem.trace at Wan 14B / 1.3B and LTX 2B,
+        # within −4 … +11 %), plus the chunk's weight gradient next to the one being accumulated.
+        add("loss_chunk_activations", (CALIBRATION["loss_chunk_rows_d"] * m_chunk * d_dit
+                                       + CALIBRATION["loss_chunk_rows_e"] * m_chunk * d_enc) * 4
+            + 2 * d_dit * d_enc * 4, "loss")
 
     inputs = dict(model=model.name, encoder=encoder.name, frames=frames, height=height, width=width, batch=batch,
                   image_size=image_size, encoder_dtype=encoder_dtype, vae_dtype=vae_dtype, encoder_tier=encoder_tier,
                   vae_tier=vae_tier, vae_tiling=vae_tiling, drop_vae_encoder=drop_vae_encoder,
-                  frames_per_chunk=chunk, spatial_align=spatial_align, latent_frames=t_lat, teacher_frames=t_sel,
+                  frames_per_chunk=chunk, spatial_align=spatial_align, loss_chunk=loss_chunk, latent_frames=t_lat, teacher_frames=t_sel,
                   dit_tokens_per_frame=p_dit, encoder_tokens_per_frame=n_enc)
-    return Estimate(terms, inputs=inputs)
+    traffic = h2d_bytes(vae, encoder, latent_frames=t_lat, height=height, width=width, vae_tier=vae_tier,
+                        encoder_tier=encoder_tier, vae_dtype=vae_dtype, encoder_dtype=encoder_dtype, tiling=vae_tiling,
+                        drop_vae_encoder=drop_vae_encoder)
+    return Estimate(terms, inputs=inputs, h2d=traffic)
 
 
-LOSS_TERMS = ("projector", "hidden_fp32", "projector_activations", "alignment_tensors", "loss_backward")
+LOSS_TERMS = ("projector", "features_fp32", "loss_activations", "features_aligned", "hidden_grad",
+              "loss_chunk_activations")
 
 
 def teacher_peak(e: Estimate) -> int:

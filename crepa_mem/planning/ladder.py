@@ -1,9 +1,9 @@
 """The planner's search laid out as one ladder of teacher configurations, best first. No torch.
 
-`plan()` walks quality levels, then knob steps (tiers → smaller chunks → VAE tiling → drop the VAE
-encoder), and within the first step that has fitting candidates takes the cheapest in step time. Sorting
-each step's candidates by (step-time overhead, estimated peak) — the planner's own tie order — turns
-that walk into a list: the first rung whose estimate fits a budget is exactly plan()'s choice for it
+`plan()` walks quality levels and, within the first level that has fitting candidates (tiers, smaller
+chunks, VAE tiling, dropping the VAE encoder, RamTorch's resident chunks), takes the cheapest in step
+time. Sorting each level's candidates by (step-time overhead, estimated peak) — the planner's own tie
+order — turns that walk into a list: the first rung whose estimate fits a budget is exactly plan()'s choice for it
 (tests/test_planning_ladder.py checks this over a range of budgets). At run time the same list is
   - `choose`: the `auto` decision from the memory measured at the first teacher step;
   - `next_rung`: after an OOM, the best rung whose estimate is below the failed one's. From any starting
@@ -16,32 +16,34 @@ Lossy levels (bf16 encoder, pooled alignment) come only with crepa_mem_allow_los
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from crepa_mem.config import AUTO_TIER, CrepaConfig
 from crepa_mem.planning import estimate as est
 from crepa_mem.planning import host as hosts
+from crepa_mem.planning import choose as planner_choice
 from crepa_mem.planning import planner as pl
 from crepa_mem.planning.devices import DeviceInfo
 from crepa_mem.profiles import EncoderProfile, ModelProfile
 
-# What the DiT's backward needs beyond what its forward left allocated, until the training-memory model
-# (crepa_mem.planning.training, issue 11) plugs in here: autograd's working set (a recomputed block under
-# gradient checkpointing, gradient temporaries) taken as a fraction of the allocation measured at the
-# teacher step, plus the trainable parameters' gradients, plus Adam's two fp32 states per trainable
-# parameter when they do not exist yet (before the first optimizer step).
+# What the DiT's backward needs beyond what its forward left allocated: autograd's working set — one
+# DiT block's saved tensors from the training model (crepa_mem.planning.training.block_backward_bytes)
+# when the DiT is a catalog model, else a fraction of the allocation measured at the teacher step — plus
+# the trainable parameters' gradients, plus Adam's two fp32 states per trainable parameter when they do
+# not exist yet (before the first optimizer step).
 BACKWARD_MARGIN = 0.10
 ADAM_STATE_BYTES_PER_PARAM = 8
 AUTO_HEADROOM = 0.05  # of the card kept free at run time (the plan's 10 % covers a prediction; this a measurement)
 
 
 def backward_reserve_bytes(allocated_bytes: int, *, trainable_params: int = 0, trainable_bytes: int = 0,
-                           optimizer_states_allocated: bool = True) -> int:
+                           optimizer_states_allocated: bool = True, working_bytes: int | None = None) -> int:
     """Bytes the coming backward and optimizer step need on top of what is allocated at the teacher step
-    (CREPA's own loss and projector backward are in every rung's estimate, not here). The one function
-    the training-memory model replaces."""
-    reserve = int(BACKWARD_MARGIN * allocated_bytes) + int(trainable_bytes)
+    (CREPA's own loss and projector backward are in every rung's estimate, not here). `working_bytes`:
+    the training model's backward working set; None → BACKWARD_MARGIN × allocated."""
+    working = int(BACKWARD_MARGIN * allocated_bytes) if working_bytes is None else int(working_bytes)
+    reserve = working + int(trainable_bytes)
     if not optimizer_states_allocated:
         reserve += ADAM_STATE_BYTES_PER_PARAM * int(trainable_params)
     return reserve
@@ -86,26 +88,25 @@ def ladder(model: ModelProfile, encoder: EncoderProfile, cfg: CrepaConfig, *, gp
                   host=hosts.read_host(ram_bytes=host_ram_bytes), others={}, headroom=0.0)
     ctx.encoders[cfg.encoder] = encoder
     total_frames = batch * min(frames, model.latent_frames(frames))
-    fixed = {k: v for k, v in (("encoder_tier", cfg.encoder_tier), ("vae_tier", cfg.vae_tier)) if v != AUTO_TIER}
+    fixed = {k: v for k, v in (("vae_tier", cfg.vae_tier), ("encoder_tier", cfg.encoder_tier)) if v != AUTO_TIER}
+    evaluate = lambda c: pl._evaluate(ctx, c)  # noqa: E731 - the planner's own evaluation
     rungs: list[Rung] = []
     seen: set[tuple] = set()
     for rank, (level, lossy) in enumerate(_levels(cfg, cfg.allow_lossy)):
-        for step in pl._steps(level, total_frames, []):
-            found = []
-            for c in step:
-                if c.drop_vae_encoder and not cfg.drop_vae_encoder:
-                    continue
-                c = pl.Candidate(level, fixed.get("vae_tier", c.vae_tier), fixed.get("encoder_tier", c.encoder_tier),
-                                 c.chunk, c.tiling or cfg.vae_tiling, cfg.drop_vae_encoder,
-                                 None)  # the device tier costs the training GPU nothing either way
-                e, fits, cost = pl._evaluate(ctx, c)
-                settings = pl._settings(model, c, cfg)
-                rung = Rung(settings, e.peak_bytes, round(sum(cost.values()), 6), rank, lossy)
+        found = []  # plan() takes, within a quality level, the fastest fitting candidate of all its steps
+        for step in pl._steps(level, total_frames, [])[:-1]:  # the last step is the feature cache: never at run time
+            step = [replace(c, tiling=c.tiling or cfg.vae_tiling, drop_vae_encoder=cfg.drop_vae_encoder, **fixed)
+                    for c in step if cfg.drop_vae_encoder or not c.drop_vae_encoder]
+            for c in planner_choice.variants(ctx, step, evaluate):
+                if "encoder_tier" in fixed and c.encoder_tier == "stream" and c.stream_engine != cfg.stream_engine:
+                    continue  # a configured stream keeps its configured engine
+                e, fits, cost = evaluate(c)
+                rung = Rung(pl._settings(model, c, cfg), e.peak_bytes, sum(cost.values()), rank, lossy)
                 if not fits or rung.key in seen:  # not fitting an unbounded budget: host RAM too small
                     continue
                 seen.add(rung.key)
                 found.append(rung)
-            rungs.extend(sorted(found, key=lambda r: (r.overhead_s, r.peak_bytes)))  # stable: plan()'s tie order
+        rungs.extend(sorted(found, key=lambda r: (r.overhead_s, r.peak_bytes)))  # stable: plan()'s tie order
     return rungs
 
 
@@ -136,7 +137,10 @@ def apply(rung: Rung, cfg: CrepaConfig) -> CrepaConfig:
                        encoder_frames_batch_size=s["crepa_encoder_frames_batch_size"],
                        encoder_dtype=s["crepa_mem_encoder_dtype"], vae_tiling=s["crepa_mem_vae_tiling"],
                        drop_vae_encoder=s["crepa_drop_vae_encoder"], spatial_align=s["crepa_spatial_align"],
-                       teacher_device=s["crepa_mem_teacher_device"] or cfg.teacher_device)
+                       teacher_device=s["crepa_mem_teacher_device"] or cfg.teacher_device,
+                       stream_engine=s["crepa_mem_stream_engine"], stream_resident_chunks=s["crepa_mem_stream_resident_chunks"],
+                       stream_nvme_path=s["crepa_mem_stream_nvme_path"] or cfg.stream_nvme_path,
+                       host_share_path=s["crepa_mem_host_share_path"] or cfg.host_share_path)
 
 
 def rung_of(rungs: list[Rung], cfg: CrepaConfig) -> Rung | None:

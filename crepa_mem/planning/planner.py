@@ -19,27 +19,20 @@ from typing import Any
 from crepa_mem.planning import choose
 from crepa_mem.planning import estimate as est
 from crepa_mem.planning import host as hosts
+from crepa_mem.planning import step_time as st
+from crepa_mem.planning import training as tr
+from crepa_mem.planning.explain import FEATURE_CACHE_DIR, cache_build_command, explain
 from crepa_mem.config import CrepaConfig
 from crepa_mem.planning.devices import DeviceInfo, other_visible_gpus, resolve_gpu
 from crepa_mem.errors import CrepaConfigError
 from crepa_mem.profiles import EncoderProfile, ModelProfile, get_encoder, get_model
-from crepa_mem.units import GB, GiB, format_bytes
+from crepa_mem.units import GiB
 
 ENCODER_LADDER = [("dinov2_vitg14", 518), ("dinov2_vitl14", 518), ("dinov2_vitl14", 448), ("dinov2_vitl14", 224),
                   ("dinov2_vitb14", 518), ("dinov2_vitb14", 448), ("dinov2_vitb14", 224),
                   ("dinov2_vits14", 518), ("dinov2_vits14", 448), ("dinov2_vits14", 224)]
 CHUNKS = (16, 8, 4, 2, 1)
 GPU_TIERS = ("gpu", "swap", "stream")
-FEATURE_CACHE_DIR = "crepa_features"  # default directory written into a cache plan
-# Step-time model: achieved fraction of the card's dense bf16 TFLOP/s (REFERENCE §6: H100 ≈ 790 of 989
-# on big matmuls; convolutional VAEs run far below peak), and fp32 (no TF32) relative to bf16.
-ENCODER_MFU, VAE_MFU, FP32_SLOWDOWN = 0.5, 0.2, 4.0
-VAE_DECODE_FLOPS_PER_PX = {"wan-2.1": 8.6e6, "wan-2.2": 18.7e6, "hunyuanvideo": 23.1e6,  # FlopCounterMode
-                           "ltx-0.9.5": 0.9e6, "ltx-0.9.0": 0.9e6}                       # traces, per px-frame
-DEFAULT_H2D, DEFAULT_TFLOPS = 25 * GB, 165.0  # PCIe Gen4 x16 measured (REFERENCE §6); an RTX 4090
-CHUNK_OVERHEAD_S = 1e-3  # per extra teacher chunk (launches, syncs); SimpleTuner PR #2258: no slowdown
-
-
 @dataclass(frozen=True)
 class Level:
     """One teacher quality level."""
@@ -81,6 +74,10 @@ class Plan:
     teacher_gpu: DeviceInfo | None = None
     base_config: CrepaConfig | None = None
     host: dict[str, Any] = field(default_factory=dict)
+    training: tr.TrainingEstimate | None = None
+    fastest: dict[str, Any] | None = None
+    """The fitting configuration with the smallest step-time cost at any quality level."""
+    cache_build_command: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         from crepa_mem.planning.report import plan_to_dict
@@ -108,14 +105,11 @@ def _levels(start: EncoderProfile, spatial_align: bool | None) -> list[Level]:
     one = [Level(ladder[0][0], ladder[0][1], "fp32", True), Level(ladder[0][0], ladder[0][1], "bf16", True)]
     one += [Level(n, s, "bf16", True) for n, s in ladder[1:]]
     aligns = [True, False] if spatial_align is None else [spatial_align]
-    live = [Level(lv.encoder, lv.image_size, lv.encoder_dtype, a) for a in aligns for lv in one]
-    return live + [Level(lv.encoder, lv.image_size, lv.encoder_dtype, lv.spatial_align, cache=True) for lv in live]
+    return [Level(lv.encoder, lv.image_size, lv.encoder_dtype, a) for a in aligns for lv in one]
 
 
 def _steps(level: Level, total_frames: int, others: list[DeviceInfo]) -> list[list[Candidate]]:
-    """Candidates per knob step (cumulative), in the issue's order."""
-    if level.cache:
-        return [[Candidate(level, "cache", "cache")]]
+    """Candidates per knob step (cumulative), in the issue's order; the feature cache (same teacher) last."""
     chunks = [-1] + [c for c in CHUNKS if c < total_frames]
     tiers = [(v, e, None) for v in GPU_TIERS for e in GPU_TIERS]
     tiers += [("device", "device", f"cuda:{d.cuda_index}") for d in others if d.cuda_index is not None]
@@ -123,7 +117,8 @@ def _steps(level: Level, total_frames: int, others: list[DeviceInfo]) -> list[li
     out.append([Candidate(level, v, e, c, False, False, dev) for v, e, dev in tiers for c in chunks[1:]])
     for tiling, drop in ((True, False), (True, True)):
         out.append([Candidate(level, v, e, c, tiling, drop, dev) for v, e, dev in tiers for c in chunks])
-    return out
+    cached = Level(level.encoder, level.image_size, level.encoder_dtype, level.spatial_align, cache=True)
+    return out + [[Candidate(cached, "cache", "cache")]]
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -158,55 +153,42 @@ def _evaluate(ctx: _Ctx, c: Candidate) -> tuple[est.Estimate, bool, dict[str, fl
     """(estimate, fits, step-time overhead in seconds by knob)."""
     enc = ctx.encoder(c.level.encoder)
     e = est.estimate(ctx.model, enc, encoder_tier=c.encoder_tier, vae_tier=c.vae_tier, **_kwargs(ctx, c))
-    e = choose.with_engine(e, enc, c)  # RamTorch's window and resident chunks in place of group offloading's
+    e = choose.with_engine(ctx, e, enc, c)  # RamTorch's window, resident chunks and traffic if it streams
     fits = e.peak_bytes <= ctx.budget
-    weights = choose.moved_weights(ctx, enc, c)  # bytes over PCIe per step, by component
     fits = fits and choose.host_plan(ctx, c, enc).fits  # swap/stream keep the weights in host RAM, per rank
     if c.teacher_device:
         other = ctx.others[c.teacher_device]
         need = est.teacher_bytes(ctx.model, enc, **_kwargs(ctx, c))
         fits = fits and need <= other.free_bytes - int(ctx.headroom * other.total_bytes)
-    return e, fits, _overhead(ctx, c, e, enc, weights)
+    return e, fits, _overhead(ctx, c, e, enc)
 
 
-def _overhead(ctx: _Ctx, c: Candidate, e: est.Estimate, enc: EncoderProfile, w: dict[str, int]) -> dict[str, float]:
-    """Extra seconds per step over everything resident: transfers compute does not hide, tiling, chunks."""
-    h2d = ctx.gpu.h2d_bytes_per_s or DEFAULT_H2D
+def _overhead(ctx: _Ctx, c: Candidate, e: est.Estimate, enc: EncoderProfile) -> dict[str, float]:
+    """Extra seconds per step over everything resident: transfers compute does not hide, tiling, chunks,
+    cache reads (constants and their sources: crepa_mem.planning.step_time)."""
+    h2d = ctx.gpu.h2d_bytes_per_s or st.DEFAULT_H2D
     frames = ctx.batch * min(ctx.frames, ctx.model.latent_frames(ctx.frames))
-    enc_s = encoder_seconds(ctx, enc, c.level)
-    vae_s = vae_decode_seconds(ctx, False)
+    shape = dict(frames=ctx.frames, batch=ctx.batch, bf16_tflops=ctx.gpu.bf16_tflops)
+    enc_s = st.encoder_seconds(ctx.model, enc, image_size=c.level.image_size, encoder_dtype=c.level.encoder_dtype,
+                               **shape)
+    vae_s = st.vae_decode_seconds(ctx.model, height=ctx.height, width=ctx.width, tiling=False, **shape)
     parts: dict[str, float] = {}
-    for key, tier, weights, compute in (("crepa_mem_encoder_tier", c.encoder_tier, w["encoder"], enc_s),
-                                        ("crepa_mem_vae_tier", c.vae_tier, w["vae"], vae_s)):
+    for key, tier, weights, compute in (("crepa_mem_encoder_tier", c.encoder_tier, e.h2d.get("encoder", 0), enc_s),
+                                        ("crepa_mem_vae_tier", c.vae_tier, e.h2d.get("vae", 0), vae_s)):
         if tier == "swap":
             parts[key] = weights / h2d
         elif tier == "stream":  # prefetched: only the part of the copy that compute does not hide
-            parts[key] = max(0.0, weights / h2d - compute) + 0.02 * compute
+            parts[key] = max(0.0, weights / h2d - compute) + st.STREAM_COMPUTE_OVERHEAD * compute
+    if c.level.cache:
+        parts["crepa_mem_feature_cache"] = st.cache_read_seconds(e.components.get("features", 0))
     if c.teacher_device:  # features come back over PCIe (through the host without P2P)
         parts["crepa_mem_teacher_device"] = 2 * e.components.get("features", 0) / h2d
     if c.tiling:
-        parts["crepa_mem_vae_tiling"] = vae_decode_seconds(ctx, True) - vae_s
+        parts["crepa_mem_vae_tiling"] = st.vae_decode_seconds(ctx.model, height=ctx.height, width=ctx.width,
+                                                              tiling=True, **shape) - vae_s
     if c.chunk > 0:
-        parts["crepa_encoder_frames_batch_size"] = CHUNK_OVERHEAD_S * (-(-frames // c.chunk) - 1)
+        parts["crepa_encoder_frames_batch_size"] = st.CHUNK_OVERHEAD_S * (-(-frames // c.chunk) - 1)
     return parts
-
-
-def _tflops(ctx: _Ctx) -> float:
-    return (ctx.gpu.bf16_tflops or DEFAULT_TFLOPS) * 1e12
-
-
-def encoder_seconds(ctx: _Ctx, enc: EncoderProfile, level: Level) -> float:
-    frames = ctx.batch * min(ctx.frames, ctx.model.latent_frames(ctx.frames))
-    s = frames * est.encoder_flops_per_frame(enc, level.image_size) / (_tflops(ctx) * ENCODER_MFU)
-    return s * (FP32_SLOWDOWN if level.encoder_dtype == "fp32" else 1.0)
-
-
-def vae_decode_seconds(ctx: _Ctx, tiling: bool) -> float:
-    vae = ctx.model.vae
-    per_px = VAE_DECODE_FLOPS_PER_PX.get(vae.name, 10e6)
-    factor = (vae.tile_sample_min / vae.tile_sample_stride) ** 2 if tiling else 1.0
-    flops = ctx.batch * ctx.frames * ctx.height * ctx.width * per_px * factor
-    return flops / (_tflops(ctx) * VAE_MFU)
 
 
 
@@ -217,12 +199,19 @@ def plan(model: str | ModelProfile, gpu: str | DeviceInfo = "auto", *, frames: i
          height: int | None = None, width: int | None = None, batch: int = 1, train_gib: float | None = None,
          headroom: float = 0.10, host_ram_bytes: int | None = None, profiles_dir=None,
          base_config: CrepaConfig | None = None, spatial_align: bool | None = None, encoder: str | None = None,
-         teacher_gpus: list[DeviceInfo] | None = None, local_ranks: int | None = None) -> Plan:
+         teacher_gpus: list[DeviceInfo] | None = None, local_ranks: int | None = None,
+         training: dict | None = None, feature_cache: bool = True, may_drop_vae_encoder: bool = True) -> Plan:
     """The best configuration that fits (or, with fits=False, the smallest one and what it needs).
 
     gpu: a selector for devices.resolve_gpu ("auto", "1", "rtx4090", "24GB") or a DeviceInfo.
-    train_gib: what training uses without CREPA; default: what is in use on the GPU now.
+    train_gib: what training uses without CREPA, overriding the training model. Default: the model
+    (crepa_mem.planning.training) for this shape, with `training` as its keyword arguments (precision,
+    lora_rank, optimizer, gradient_checkpointing, offload; "source": "config" when read from a
+    config.json); on a live GPU the larger of that and what is in use now.
     teacher_gpus: other GPUs for the `device` tier (default: the other visible GPUs).
+    feature_cache: False keeps the teacher live (no precomputed features, e.g. on-the-fly augmentations).
+    may_drop_vae_encoder: False when the trainer still encodes with the VAE (no cached latents; the runtime
+    ladder's case).
     host_ram_bytes, local_ranks: host RAM of the node and ranks on it (default: read, LOCAL_WORLD_SIZE).
     """
     m = model if isinstance(model, ModelProfile) else get_model(model, profiles_dir)
@@ -248,11 +237,10 @@ def plan(model: str | ModelProfile, gpu: str | DeviceInfo = "auto", *, frames: i
     if train_gib is not None and train_gib * GiB >= dev.total_bytes:
         raise CrepaConfigError("train_gib", train_gib, valid=f"less than the GPU's {dev.total_bytes / GiB:.2f} GiB")
     headroom_bytes = int(headroom * dev.total_bytes)
-    if train_gib is None:
-        train, avail = dev.used_bytes or 0, dev.free_bytes
-    else:
-        train = int(train_gib * GiB)
-        avail = dev.total_bytes - (dev.reserved_bytes or 0) - train
+    training_use = tr.training_use(m, dev, frames=frames, height=height, width=width, batch=batch,
+                                   train_gib=train_gib, training=training)
+    train = training_use.total_bytes
+    avail = dev.free_bytes if training_use.source == "live GPU" else dev.total_bytes - (dev.reserved_bytes or 0) - train
     budget = avail - headroom_bytes
     ctx = _Ctx(m, dev, frames, height, width, batch, budget,
                hosts.read_host(ram_bytes=host_ram_bytes, ranks=local_ranks),
@@ -264,46 +252,49 @@ def plan(model: str | ModelProfile, gpu: str | DeviceInfo = "auto", *, frames: i
     levels = _levels(start, spatial_align)
     base_c = Candidate(levels[0])
     baseline = (base_c, _evaluate(ctx, base_c)[0])  # everything resident at the best level, for the reasons
-    chosen = smallest = None
+    chosen = smallest = fastest = None
     for rank, level in enumerate(levels):
         enc = ctx.encoder(level.encoder, profiles_dir)
-        if not level.cache:  # lower bound: no teacher at all on the GPU (features + loss only)
-            floor = est.estimate(m, enc, encoder_tier="device", vae_tier="device", **_kwargs(ctx, Candidate(level)))
-            if floor.peak_bytes > budget:
-                continue
-        for step in _steps(level, total_frames, roomy):
-            fitting = []
+        # lower bound: no teacher at all on the GPU (features + loss only, what the cache also needs)
+        floor = est.estimate(m, enc, encoder_tier="device", vae_tier="device", **_kwargs(ctx, Candidate(level)))
+        if floor.peak_bytes > budget and rank < len(levels) - 1:
+            continue
+        fitting = []  # every candidate of equal teacher quality that fits: the fastest wins
+        for step in _steps(level, total_frames, roomy)[:None if feature_cache else -1]:
             for c in choose.variants(ctx, step, lambda v: _evaluate(ctx, v)):
+                if c.drop_vae_encoder and not may_drop_vae_encoder:
+                    continue
                 e, ok, cost = _evaluate(ctx, c)
-                if smallest is None or e.peak_bytes < smallest[1].peak_bytes:
+                if smallest is None or (e.peak_bytes, not c.level.cache) < (smallest[1].peak_bytes,
+                                                                              not smallest[0].level.cache):
                     smallest = (c, e, cost, rank)
                 if ok:
                     fitting.append((sum(cost.values()), e.peak_bytes, len(fitting), c, e, cost))
-            if fitting:
-                _, _, _, c, e, cost = min(fitting, key=lambda x: x[:3])
-                chosen = (c, e, cost, rank)
-                break
-        if chosen:
-            break
-    fits = chosen is not None
+        if fitting:
+            best = min(fitting, key=lambda x: x[:3])
+            chosen = chosen or (best[3], best[4], best[5], rank)
+            if fastest is None or best[0] < fastest[0] - 1e-9:
+                fastest = (best[0], best[3], rank)
+            if best[0] <= 1e-9:
+                break  # nothing below can be faster
+    fits = chosen is not None and train + headroom_bytes < dev.total_bytes
     c, e, cost, rank = chosen or smallest
-    reasons, costs = _explain(ctx, c, e, cost, baseline, fits, smallest)
-    if train_gib is None and dev.source in ("catalog", "size"):
-        i = next((k for k, r in enumerate(reasons) if r.startswith("budget")), 0)
-        reasons[i] += (f"; training's own use is unknown for a card not inspected live ({dev.name}), so it is "
-                       f"taken as 0 B and this plan is optimistic: pass --train-gib with what training uses "
-                       f"without CREPA")
+    reasons, costs = explain(ctx, c, e, cost, baseline, fits, smallest, training_use, fastest)
     shape = dict(frames=frames, height=height, width=width, batch=batch, latent_frames=m.latent_frames(frames),
                  dit_tokens_per_frame=m.tokens_per_frame(height, width))
     budget_d = dict(total_bytes=dev.total_bytes, free_bytes=dev.free_bytes, reserved_bytes=dev.reserved_bytes,
                     train_bytes=train, headroom_bytes=headroom_bytes, budget_bytes=budget,
                     left_bytes=budget - e.peak_bytes)
+    fast = None if fastest is None else {"overhead_s": round(fastest[0], 4), "quality_level": fastest[2],
+                                         "settings": _settings(m, fastest[1], base_config)}
     return Plan(fits=fits, settings=_settings(m, c, base_config), tiers={"encoder": c.encoder_tier, "vae": c.vae_tier},
                 estimate=e, reasons=reasons, gpu=dev, model=m, shape=shape, budget=budget_d, costs=costs,
                 step_overhead_s=round(sum(cost.values()), 4), quality_level=rank,
                 teacher_gpu=ctx.others.get(c.teacher_device) if c.teacher_device else None, base_config=base_config,
                 host={**(ctx.host.to_dict() if ctx.host else {}),
-                      **choose.host_plan(ctx, c, ctx.encoder(c.level.encoder)).to_dict()})
+                      **choose.host_plan(ctx, c, ctx.encoder(c.level.encoder)).to_dict()},
+                training=training_use, fastest=fast,
+                cache_build_command=cache_build_command(ctx, c.level) if c.level.cache else None)
 
 
 def _settings(m: ModelProfile, c: Candidate, base: CrepaConfig | None) -> dict[str, Any]:
@@ -324,92 +315,3 @@ def _settings(m: ModelProfile, c: Candidate, base: CrepaConfig | None) -> dict[s
         "crepa_mem_teacher_device": c.teacher_device,
         "crepa_mem_feature_cache": FEATURE_CACHE_DIR if lv.cache else None,
     }
-
-
-# ---------------------------------------------------------------------------- why, and what it costs
-
-def _explain(ctx: _Ctx, c: Candidate, e: est.Estimate, cost: dict[str, float], baseline, fits: bool,
-             smallest) -> tuple[list[str], list[dict[str, Any]]]:
-    f, g, lv = format_bytes, ctx.gpu, c.level
-    enc = ctx.encoder(lv.encoder)
-    frames = ctx.batch * min(ctx.frames, ctx.model.latent_frames(ctx.frames))
-    reasons = [f"GPU {g.name} ({g.source}): {f(g.total_bytes)} total, {f(g.free_bytes)} free"
-               + (f"; {g.note}" if g.note else "")]
-    b = ctx.budget
-    reasons.append(f"budget {f(b)} for CREPA = available {f(b + int(ctx.headroom * g.total_bytes))} "
-                   f"(after training's use) - headroom {ctx.headroom:.0%} of total")
-    b_c, b_e = baseline
-    reasons.append(f"everything resident (dinov2_vitg14 @ 518 px fp32, VAE and DINOv2 on the GPU, all {frames} "
-                   f"teacher frames at once) needs {f(b_e.peak_bytes)} at its {b_e.peak_phase} phase"
-                   + (" - fits" if b_e.peak_bytes <= b else f" > budget {f(b)}"))
-    costs: list[dict[str, Any]] = []
-
-    def choice(key: str, value: Any, why: str, quality: str = "none", speed: str | None = None) -> None:
-        s = cost.get(key, 0.0)
-        speed = speed or (f"+{s:.3f} s/step" if s > 5e-4 else "~no step-time cost")
-        costs.append({"setting": key, "value": value, "why": why, "quality_cost": quality,
-                      "speed_cost": speed, "overhead_s": round(s, 4)})
-        reasons.append(f"{key}={value}: {why}; quality: {quality}; speed: {speed}")
-
-    h2d = (g.h2d_bytes_per_s or DEFAULT_H2D) / 1e9
-    link = f"PCIe at ~{h2d:.0f} GB/s"
-    if lv.encoder_dtype != "fp32":
-        choice("crepa_mem_encoder_dtype", lv.encoder_dtype, "DINOv2 in bf16 instead of SimpleTuner's fp32 halves its "
-               "weights and activations", "small: features differ from fp32 by ~1e-2 relative", "faster (tensor cores)")
-    if (lv.encoder, lv.image_size) != ("dinov2_vitg14", 518):
-        n, _ = est.encoder_tokens(enc, lv.image_size)
-        choice("crepa_encoder", f"{lv.encoder}@{lv.image_size}", f"smaller teacher: {lv.encoder} at {lv.image_size} px "
-               f"({n} tokens per frame) instead of dinov2_vitg14 at 518 px (1369 tokens)",
-               "weaker or coarser alignment targets", "faster")
-    if not lv.spatial_align:
-        choice("crepa_spatial_align", False, "both sides mean-pooled to one token per frame: no resampled token grids",
-               "loses spatial correspondence (per-frame alignment only)")
-    if lv.cache:
-        per_clip = e.components.get("features", 0) // max(ctx.batch, 1)
-        choice("crepa_mem_feature_cache", FEATURE_CACHE_DIR, "teacher features precomputed once with `crepa-mem cache "
-               "build` at latent-caching time; no VAE or DINOv2 on the GPU while training",
-               "none for cached latents; augmentations after caching are not seen",
-               f"no teacher compute per step, but each clip's ~{f(per_clip)} is read from disk and checksummed "
-               f"(sha256, ~1 GB/s on one CPU core); one teacher pass over the dataset up front")
-    for key, tier, what, full in (("crepa_mem_vae_tier", c.vae_tier, "the VAE", e.components.get("vae_weights", 0)),
-                                  ("crepa_mem_encoder_tier", c.encoder_tier, "DINOv2",
-                                   e.components.get("encoder_weights", 0))):
-        if tier == "swap":
-            choice(key, tier, f"{what} ({f(full)}) is on the GPU only during the teacher step, copied in over {link} "
-                   f"each step and dropped after")
-        elif tier == "stream":
-            choice(key, tier, f"{what} streamed block by block from pinned host memory ({f(full)} on the GPU at "
-                   f"once); copies overlap compute")
-    if c.teacher_device:
-        other = ctx.others[c.teacher_device]
-        choice("crepa_mem_teacher_device", c.teacher_device, f"the teacher (VAE + DINOv2) runs on {c.teacher_device} "
-               f"({other.name}, {f(other.free_bytes)} free); only its features come to the training GPU")
-    if c.chunk > 0:
-        all_act = est.encoder_activation_bytes(enc, lv.image_size, frames, lv.encoder_dtype)
-        choice("crepa_encoder_frames_batch_size", c.chunk, f"teacher in chunks of {c.chunk} of the {frames} frames: "
-               f"encoder activations {f(all_act)} -> {f(e.components.get('encoder_activations', 0))}",
-               "none (same features)", "~none (SimpleTuner PR #2258: 8-frame slices were not slower)")
-    if c.tiling:
-        vae = ctx.model.vae
-        untiled = est.vae_decode_activation_bytes(vae, ctx.frames, ctx.height, ctx.width, tiling=False, dtype="bf16")
-        choice("crepa_mem_vae_tiling", True, f"VAE decode in {vae.tile_sample_min}-px tiles: decode activations "
-               f"{f(untiled)} -> {f(e.components.get('vae_decode_activations', 0))}",
-               "tile blending changes decoded pixels slightly")
-    if c.drop_vae_encoder:
-        choice("crepa_drop_vae_encoder", True, f"vae.encoder deleted ({f(ctx.model.vae.params_encoder * 2)} in bf16); "
-               "the trainer must feed cached latents (no on-the-fly VAE encode)", "none")
-    reasons += choose.reasons(ctx, c, enc)
-    if fits:
-        reasons.append(f"peak {f(e.peak_bytes)} at the {e.peak_phase} phase leaves {f(b - e.peak_bytes)} of the "
-                       f"budget, plus {f(int(ctx.headroom * g.total_bytes))} headroom")
-    else:
-        if ctx.host is not None and ctx.host.available_bytes is not None:
-            reasons.append(f"host RAM available for the swap/stream tiers on this node: {f(ctx.host.available_bytes)} "
-                           f"for {ctx.host.local_ranks} local rank(s)")
-        sc, se = smallest[0], smallest[1]
-        what = (f"{sc.level.encoder}@{sc.level.image_size} {sc.level.encoder_dtype}, spatial_align "
-                f"{'on' if sc.level.spatial_align else 'off'}, tiers vae={sc.vae_tier} encoder={sc.encoder_tier}")
-        reasons.append(f"nothing fits: the smallest configuration ({what}) needs {f(se.peak_bytes)} > budget {f(b)}; "
-                       f"it would need {f(se.peak_bytes - b)} more free memory (lower --train-gib, fewer --frames, "
-                       f"a smaller --batch, or a larger GPU)")
-    return reasons, costs

@@ -62,4 +62,7 @@ def plan_to_dict(plan: "Plan") -> dict[str, Any]:
         "quality_level": plan.quality_level,
         "teacher_gpu": gpu_to_dict(plan.teacher_gpu) if plan.teacher_gpu else None,
         "host": dict(plan.host),  # this node's RAM, ulimit -l, local ranks, and the plan's host bytes
+        "training": plan.training.to_dict() if plan.training else None,
+        "fastest": dict(plan.fastest) if plan.fastest else None,
+        "cache_build_command": plan.cache_build_command,
     }

@@ -31,7 +31,7 @@ from crepa_mem.config import AUTO_TIER, CrepaConfig
 from crepa_mem.errors import CrepaConfigError, TeacherOutOfMemoryError
 from crepa_mem.teacher.encoders import DTYPES
 from crepa_mem.teacher.path import TeacherFeatures, TeacherPath, _is_oom
-from crepa_mem.teacher.placement import Placement, module_bytes, module_device, move_module
+from crepa_mem.teacher.placement import Placement, host_copy, module_bytes, module_device, move_module
 from crepa_mem.teacher.tiers import place
 from crepa_mem.teacher.vae import prepare_vae
 
@@ -108,15 +108,7 @@ def release(placement: Placement | None) -> None:
     """Undo a placement: stream hooks removed, every weight back on the host (frees the device)."""
     if placement is None:
         return
-    if hasattr(placement, "close"):  # RamTorch's engine: its loader threads and NVMe scratch file go with it
-        placement.close()
-    streamed = getattr(placement, "streamed", None)
-    if streamed is not None:  # diffusers group offloading: its hooks hold the onload/offload logic
-        from diffusers.hooks import HookRegistry
-
-        registry = HookRegistry.check_if_exists_or_initialize(streamed)
-        for name in ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading"):
-            registry.remove_hook(name, recurse=True)
+    placement.close()  # stream hooks, RamTorch's loader threads and NVMe scratch file go with it
     move_module(placement.module, "cpu")
 
 
@@ -184,6 +176,7 @@ class TeacherRunner:
         self._tried: list[CrepaConfig] = []
         self._pending: str | None = None  # an OOM while placing the configured tiers, stepped down at the first step
         self.path: TeacherPath | None = None
+        self._vae_shared, self._vae_copy = False, None
         if not cfg.auto_tiers:
             try:  # placed now, so the modules are where the configuration says from the start
                 self.path = build_path(encoder, vae, cfg, self.compute_device, on_chunk)
@@ -201,18 +194,34 @@ class TeacherRunner:
     def vae(self) -> Placement | None:
         return None if self.path is None else self.path.vae
 
-    def set_vae(self, vae: nn.Module) -> None:
-        """A VAE handed over after construction (SimpleTuner passes its own to every call)."""
+    def set_vae(self, vae: nn.Module, *, shared: bool = False) -> None:
+        """A VAE handed over after construction (SimpleTuner passes its own to every call). `shared`: the
+        trainer keeps using this object where it put it, so a rung that moves, tiles or trims the VAE works
+        on a host copy of its own (made once, when a rung first needs it) and the trainer's never moves."""
         if self.path is not None and self.path.vae is not None:
-            release(self.path.vae)
-        self.vae_module = vae
+            self._release_vae(self.path.vae)
+        self.vae_module, self._vae_shared, self._vae_copy = vae, shared, None
         if self.path is not None:
-            self.path.vae = place_vae(vae, self.config, self.compute_device)
+            self.path.vae = place_vae(self._vae_for(self.config), self.config, self.compute_device)
+
+    def _vae_for(self, cfg: CrepaConfig) -> nn.Module | None:
+        if not self._vae_shared or (cfg.vae_tier == "gpu" and not cfg.vae_tiling and not cfg.drop_vae_encoder):
+            return self.vae_module
+        if self._vae_copy is None:
+            self._vae_copy = host_copy(self.vae_module)
+        return self._vae_copy
+
+    def _release_vae(self, placement: Placement) -> None:
+        if self._vae_shared and placement.module is self.vae_module:
+            placement.close()  # the trainer's own VAE stays where the trainer put it
+        else:
+            release(placement)
 
     def context(self, latents: Tensor, target_frames: int, dit_tokens: int | None, step: int) -> TeacherContext:
         reading = self.probe(self.compute_device)
-        resident = sum(module_bytes(m) for m in (self.encoder_module, self.vae_module)
-                       if m is not None and module_device(m) == self.compute_device)
+        # a shared VAE stays on the device whatever the rung: it frees nothing (the estimate counts it again)
+        mine = (self.encoder_module, self._vae_copy if self._vae_shared else self.vae_module)
+        resident = sum(module_bytes(m) for m in mine if m is not None and module_device(m) == self.compute_device)
         reading = MemoryReading(**{**reading.to_dict(), "teacher_resident_bytes": resident})
         return TeacherContext(tuple(latents.shape), target_frames, dit_tokens, self.encoder_module, self.vae_module,
                               self.compute_device, reading, step, self.hidden_size)
@@ -228,8 +237,8 @@ class TeacherRunner:
             failure = None
             try:
                 if self.path is None:  # placing a rung can run out of memory too: it is part of the attempt
-                    self.path = build_path(self.encoder_module, self.vae_module, self.config, self.compute_device,
-                                           self.on_chunk)
+                    self.path = build_path(self.encoder_module, self._vae_for(self.config), self.config,
+                                           self.compute_device, self.on_chunk)
                 result = measured(self.compute_device, self.config.reset_peak_stats,
                                   lambda: self.path.features(latents, target_frames, dit_grid))
             except Exception as err:  # noqa: BLE001 - only out-of-memory is stepped down
@@ -258,7 +267,8 @@ class TeacherRunner:
     def _release(self) -> None:
         if self.path is not None:
             release(self.path.encoder)
-            release(self.path.vae)
+            if self.path.vae is not None:
+                self._release_vae(self.path.vae)
             self.path = None
         _free_device(self.compute_device)
 

@@ -151,8 +151,21 @@ def encode_tokens(encoder: nn.Module, images: Tensor) -> Tensor:
     if hasattr(encoder, "forward_features"):  # torch.hub DINOv2
         return encoder.forward_features(images)["x_norm_patchtokens"]
     out = encoder(pixel_values=images)
-    skip = 1 + int(getattr(encoder.config, "num_register_tokens", 0) or 0)
-    return out.last_hidden_state[:, skip:]
+    return out.last_hidden_state[:, leading_tokens(encoder):]
+
+
+def leading_tokens(encoder: nn.Module) -> int:
+    """CLS and register tokens ahead of the patch tokens in a transformers DINOv2's output."""
+    return 1 + int(getattr(encoder.config, "num_register_tokens", 0) or 0)
+
+
+def encoder_attention_mask(encoder: nn.Module, embeddings: Tensor):
+    """The mask Dinov2Model.forward builds for its layers when given none (None where it needs none)."""
+    try:
+        from transformers.masking_utils import create_bidirectional_mask
+    except ImportError:  # transformers < 4.56 builds no mask here
+        return None
+    return create_bidirectional_mask(config=encoder.config, inputs_embeds=embeddings, attention_mask=None)
 
 
 def module_dtype(module: nn.Module) -> torch.dtype:
@@ -253,8 +266,21 @@ class TeacherPath:
         out: Tensor | None = None
         pending: list[tuple[int, int, Tensor]] = []  # (batch index, slot, frame (3, H, W))
 
+        def place_tokens(group: list, tokens: Tensor) -> None:
+            """One encoder call's tokens into their (video, kept-frame) slots of the output."""
+            nonlocal out
+            if out is None:
+                out = torch.empty(batch, len(keep), tokens.shape[1], tokens.shape[2],
+                                  dtype=tokens.dtype, device=self.compute_device)
+            for (b, slot, _), tok in zip(group, tokens):
+                out[b, slot] = tok
+            stats["encoder_calls"] += 1
+            stats["frames_encoded"] += len(group)
+
         def encode_pending(encoder: nn.Module) -> None:
             nonlocal out, chunk
+            if getattr(self.encoder, "layers", None) is not None:  # streamed: layer-major, weights cross once
+                return encode_layer_major()
             while pending:
                 take = min(chunk, len(pending))
                 group = pending[:take]
@@ -274,13 +300,26 @@ class TeacherPath:
                     stats["chunk_frames"] = self.working_chunk = chunk  # later steps start here
                     continue
                 del pending[:take]
-                if out is None:
-                    out = torch.empty(batch, len(keep), tokens.shape[1], tokens.shape[2],
-                                      dtype=tokens.dtype, device=self.compute_device)
-                for (b, slot, _), tok in zip(group, tokens):
-                    out[b, slot] = tok
-                stats["encoder_calls"] += 1
-                stats["frames_encoded"] += take
+                place_tokens(group, tokens)
+
+        def encode_layer_major() -> None:
+            nonlocal out, chunk
+            while True:
+                groups = [pending[i:i + chunk] for i in range(0, len(pending), chunk)]
+                try:
+                    states = self.encoder.encode_layer_major(
+                        [lambda g=g: self._images([f[2] for f in g], size, enc_dtype) for g in groups])
+                    break
+                except Exception as err:  # noqa: BLE001 - only OOM is retried (the whole pass, smaller chunks)
+                    if not _is_oom(err) or chunk == 1:
+                        raise
+                    chunk = max(1, chunk // 2)
+                    stats["retries"] += 1
+                    stats["chunk_frames"] = chunk
+            skip = leading_tokens(self.encoder.module)
+            for group, h in zip(groups, states):
+                place_tokens(group, h[:, skip:].to(self.compute_device))
+            pending.clear()
 
         # Phase 1, decode: only the selected frames' pixels are kept, the rest is freed as it comes.
         # The VAE (and Wan's causal cache) is released before the encoder is brought in, so the two
@@ -318,10 +357,12 @@ class TeacherPath:
         grid = (size[0] // p, size[1] // p)
         return TeacherFeatures(out, grid, keep, num_pixel, stats)
 
-    def _encode(self, encoder: nn.Module, frames: list[Tensor], size: tuple[int, int],
-                enc_dtype: torch.dtype) -> Tensor:
+    def _images(self, frames: list[Tensor], size: tuple[int, int], enc_dtype: torch.dtype) -> Tensor:
+        """One chunk's encoder input on the encoder's device."""
         if self.on_chunk is not None:
             self.on_chunk(len(frames))
-        images = torch.stack(frames).to(self.encoder.exec_device)
-        tokens = encode_tokens(encoder, prepare_images(images, size, enc_dtype))
-        return tokens.to(self.compute_device)
+        return prepare_images(torch.stack(frames).to(self.encoder.exec_device), size, enc_dtype)
+
+    def _encode(self, encoder: nn.Module, frames: list[Tensor], size: tuple[int, int],
+                enc_dtype: torch.dtype) -> Tensor:
+        return encode_tokens(encoder, self._images(frames, size, enc_dtype)).to(self.compute_device)

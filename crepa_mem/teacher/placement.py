@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -75,3 +75,16 @@ class Placement:
 
     def close(self) -> None:
         """Release what the tier holds beyond the module (threads, scratch files); most hold nothing."""
+
+
+def host_copy(module: nn.Module) -> nn.Module:
+    """A separate, frozen copy of `module` with its tensors on the CPU, made without allocating on its
+    device (each tensor is copied to the host before deepcopy sees it)."""
+    import copy
+
+    memo: dict[int, Any] = {}
+    for p in module.parameters():
+        memo[id(p)] = nn.Parameter(p.detach().to("cpu", copy=True), requires_grad=False)
+    for b in module.buffers():
+        memo[id(b)] = b.detach().to("cpu", copy=True)
+    return copy.deepcopy(module, memo)

@@ -13,11 +13,19 @@ those, for the duration of the block only:
   to the same aten ops, which dispatch through the fake mode without a guard.
 - `param.data = x` swaps the storage but FakeTensor keeps its device in a Python attribute; the
   setter is wrapped to carry the device across (what a real tensor does by itself).
-- nn.Module.to on fake parameters takes a swap_tensors path that fails in torch 2.13; under the trace
+- nn.Module.to (and .float) on fake parameters takes a swap_tensors path that fails in torch 2.13; under the trace
   it moves tensors with `.data =`, which is what Module.to does for ordinary tensors.
 - Scaled-dot-product attention on a CPU-only build decomposes to the math kernel, which materialises
   the (L × L) score matrix; a GPU runs the fused memory-efficient kernel, which does not. Attention
   on the fake GPU is sent to that fused kernel's own meta implementation.
+- The autograd engine of a CPU-only build aborts on a CUDA tensor (it takes a device guard), so the
+  loss and its backward run on fake *CPU* tensors inside `tracker.count_as("cpu", FAKE_GPU)`: every
+  storage made there is counted on the fake GPU, where the real call makes it (the host's own bytes,
+  made before, stay on the host).
+- Fake tensors hold no values: a Python scalar read (`.item()`, `bool(t)`) returns 1.0 (a value nothing
+  divides by zero over, e.g. AdamW's step count in `1 - beta ** step`), or for a
+  bool: False for the result of `any`, True otherwise ("all finite", "no NaN"), so data-dependent
+  checks take the path of a healthy step.
 Not modelled: cuDNN/cuBLAS workspaces and the caching allocator's fragmentation (the allocator's
 reserved bytes exceed the live bytes counted here).
 """
@@ -47,6 +55,9 @@ class LiveBytes(TorchDispatchMode):
         self._refs: dict[int, weakref.ref] = {}
         self._phases: list[tuple[str, dict[str, int]]] = []
         self.phase_peaks: dict[str, dict[str, int]] = {}
+        self._alias: dict[str, str] = {}
+        self._falsy: dict[int, weakref.ref] = {}  # outputs of `any`, by id (a WeakSet would compare tensors)
+        self.h2d: dict[str, int] = defaultdict(int)  # host → device bytes copied, by phase (and "all")
 
     # -- bookkeeping
     def track(self, t: torch.Tensor) -> None:
@@ -55,6 +66,7 @@ class LiveBytes(TorchDispatchMode):
         if key in self._refs:
             return
         dev, n = str(t.device), st.nbytes()
+        dev = self._alias.get(dev, dev)
         if dev in self.budget and self.live[dev] + n > self.budget[dev]:  # checked before counting it
             raise torch.OutOfMemoryError(f"simulated out of memory on {dev}: {self.live[dev]} B live + {n} B "
                                          f"> budget {self.budget[dev]} B")
@@ -74,11 +86,43 @@ class LiveBytes(TorchDispatchMode):
         self.live[dev] -= n
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:  # no values under the trace (see above)
+            t = args[0]
+            if t.dtype != torch.bool:
+                return 1.0
+            ref = self._falsy.get(id(t))
+            return not (ref is not None and ref() is t)
         out = func(*args, **(kwargs or {}))
+        if func in _ANY:
+            self._falsy[id(out)] = weakref.ref(out, lambda _r, k=id(out): self._falsy.pop(k, None))
+        elif func in _COPIES:
+            self._count_h2d(func, args, out)
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 self.track(t)
         return out
+
+    def _count_h2d(self, func, args, out) -> None:
+        src, dst = (args[1], args[0]) if func is torch.ops.aten.copy_.default else (args[0], out)
+        if isinstance(src, torch.Tensor) and src.device.type == "cpu" and dst.device.type == "cuda":
+            n = src.numel() * src.element_size()
+            self.h2d["all"] += n
+            for name, _ in self._phases:
+                self.h2d[name] += n
+
+    @contextlib.contextmanager
+    def count_as(self, source: torch.device | str, target: torch.device | str) -> Iterator[None]:
+        """Storages made on `source` inside the block are counted on `target` (see the module docstring)."""
+        src, dst = str(torch.device(source)), str(torch.device(target))
+        saved = self._alias.get(src)
+        self._alias[src] = dst
+        try:
+            yield
+        finally:
+            if saved is None:
+                self._alias.pop(src)
+            else:
+                self._alias[src] = saved
 
     # -- queries
     def live_bytes(self, device: torch.device | str = FAKE_GPU) -> int:
@@ -100,6 +144,10 @@ class LiveBytes(TorchDispatchMode):
         finally:
             self._phases.remove((name, peaks))
             self.phase_peaks[name] = peaks
+
+
+_ANY = (torch.ops.aten.any.default, torch.ops.aten.any.dim, torch.ops.aten.any.dims)
+_COPIES = (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default)
 
 
 @contextlib.contextmanager
@@ -171,7 +219,7 @@ def _cuda_binding_shims() -> Iterator[None]:
     base_data = torch._C.TensorBase.data
     saved = {name: torch.Tensor.__dict__.get(name) for name in ("contiguous", "copy_", "__getitem__", "__setitem__")}
     saved_fake_data = FakeTensor.__dict__.get("data")
-    saved_module_to = torch.nn.Module.to
+    saved_module_to, saved_module_float = torch.nn.Module.to, torch.nn.Module.float
     orig_getitem, orig_setitem = torch._C.TensorBase.__getitem__, torch._C.TensorBase.__setitem__
 
     def contiguous(self, memory_format=torch.contiguous_format):
@@ -215,7 +263,12 @@ def _cuda_binding_shims() -> Iterator[None]:
     torch.Tensor.contiguous, torch.Tensor.copy_ = contiguous, copy_
     torch.Tensor.__getitem__, torch.Tensor.__setitem__ = getitem, setitem
     FakeTensor.data = property(get_data, set_data)
-    torch.nn.Module.to = module_to
+    def module_float(self):
+        from crepa_mem.teacher.placement import move_module
+
+        return move_module(self, dtype=torch.float32)
+
+    torch.nn.Module.to, torch.nn.Module.float = module_to, module_float
     try:
         yield
     finally:
@@ -228,7 +281,7 @@ def _cuda_binding_shims() -> Iterator[None]:
             del FakeTensor.data
         else:
             FakeTensor.data = saved_fake_data
-        torch.nn.Module.to = saved_module_to
+        torch.nn.Module.to, torch.nn.Module.float = saved_module_to, saved_module_float
 
 
 class _Values(list):

@@ -27,7 +27,7 @@ from crepa_mem.config import CrepaConfig
 from crepa_mem.teacher.encoders import DTYPES
 from crepa_mem.errors import CrepaConfigError
 from crepa_mem.loss import temporal_indices
-from crepa_mem.teacher.path import TeacherPath, denormalize_latents, encode_tokens, module_dtype, IMAGENET_MEAN, IMAGENET_STD
+from crepa_mem.teacher.path import TeacherFeatures, TeacherPath, denormalize_latents, encode_tokens, module_dtype, IMAGENET_MEAN, IMAGENET_STD
 from crepa_mem.teacher.tiers import place
 from crepa_mem.trace.runtime import FAKE_GPU, LiveBytes, fake_gpu, materialize
 
@@ -153,11 +153,14 @@ class TeacherSettings:
     feature_cache: bool = False
     stream_engine: str = "group_offload"  # the encoder's stream engine; ramtorch: its loader runs on this thread
     resident_chunks: int = 0
+    loss_chunk: int | None = None
 
     def __post_init__(self) -> None:
         self.config()  # validates every value with CrepaConfig's messages
         if self.chunk is not None and self.chunk < 1:
             raise CrepaConfigError("chunk", self.chunk, valid="an integer ≥ 1 (omit for all frames at once)")
+        if self.loss_chunk is not None and self.loss_chunk < 1:
+            raise CrepaConfigError("loss_chunk", self.loss_chunk, valid="an integer ≥ 1 (omit for all frames at once)")
         if "cache" in (self.encoder_tier, self.vae_tier) and not self.feature_cache:
             raise CrepaConfigError("tier", "cache", valid="gpu · swap · stream · device",
                                    hint="use --feature-cache to trace the feature cache")
@@ -167,7 +170,8 @@ class TeacherSettings:
                            encoder_frames_batch_size=self.chunk or -1, vae_tiling=self.vae_tiling,
                            vae_tile_size=self.vae_tile_size, drop_vae_encoder=self.drop_vae_encoder,
                            feature_cache="<traced>" if self.feature_cache else None,
-                           stream_engine=self.stream_engine, stream_resident_chunks=self.resident_chunks)
+                           stream_engine=self.stream_engine, stream_resident_chunks=self.resident_chunks,
+                           loss_chunk=self.loss_chunk or -1)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -175,12 +179,15 @@ class TeacherSettings:
 
 @dataclass
 class TraceResult:
-    peak_bytes: int                      # most live bytes on the compute device at once
+    peak_bytes: int                      # the whole CREPA call: teacher, projection, alignment, backward
     weights_bytes: int                   # resident on the compute device before the step
-    phases: dict[str, int] = field(default_factory=dict)   # peak per phase on the compute device
-    prefetch_bytes: int = 0              # stream tier: the prefetched block a CUDA side stream adds
+    phases: dict[str, int] = field(default_factory=dict)   # peak per phase (decode, encode, teacher, loss, step)
+    prefetch_bytes: int = 0              # stream tier: the largest block a CUDA side stream prefetches
     host_peak_bytes: int = 0             # the CPU side, for the `device`/`swap`/`stream` tiers
     wall_s: float = 0.0
+    teacher_peak_bytes: int = 0          # the teacher step alone (what `estimate.teacher_peak` models)
+    loss_peak_bytes: int = 0             # from the features' arrival through the backward
+    h2d_bytes: dict[str, int] = field(default_factory=dict)  # host → device per step: vae, encoder
 
 
 Progress = Callable[[str], None]
@@ -231,20 +238,24 @@ def trace_candidate(workload: Workload, settings: TeacherSettings, progress: Pro
 
 
 def _trace(workload: Workload, settings: TeacherSettings, progress: Progress | None, *, baseline: bool) -> TraceResult:
+    from crepa_mem.profiles import get_encoder
+    from crepa_mem.trace.call import TracedTeacher, phase_around
+
     start = time.perf_counter()
     s = workload.shapes()
     profile = workload.profile()
     enc_dtype = DTYPES["fp32" if baseline else settings.encoder_dtype]
+    enc_dim = get_encoder(workload.encoder).hidden_size
     with fake_gpu() as tracker:
         latents = torch.empty(workload.batch, s["latent_channels"], s["latent_frames"], s["latent_height"],
                               s["latent_width"], device=FAKE_GPU)
+        cfg = CrepaConfig() if baseline else settings.config()
         if settings.feature_cache and not baseline:
-            return _trace_cache(workload, s, enc_dtype, tracker, start)
-        cfg = settings.config()
+            teacher = TracedTeacher(lambda lat, t: _cached_features(workload, s, enc_dim, enc_dtype), tracker, enc_dim)
+            return _finish(workload, tracker, teacher, cfg, latents, (), 0, start)
         from crepa_mem.teacher.vae import prepare_vae
 
-        vae = prepare_vae(materialize(build_vae(profile.vae.name), "cpu", DTYPES[workload.vae_dtype]),
-                          cfg if not baseline else CrepaConfig())
+        vae = prepare_vae(materialize(build_vae(profile.vae.name), "cpu", DTYPES[workload.vae_dtype]), cfg)
         encoder = materialize(build_encoder(workload.encoder), "cpu")
         vae_p = place(vae, "gpu" if baseline else settings.vae_tier, compute_device=FAKE_GPU, teacher_device="cpu")
         enc_p = place(encoder, "gpu" if baseline else settings.encoder_tier, compute_device=FAKE_GPU,
@@ -252,64 +263,86 @@ def _trace(workload: Workload, settings: TeacherSettings, progress: Progress | N
                       resident_chunks=settings.resident_chunks)
         weights = tracker.live_bytes(FAKE_GPU) - latents.untyped_storage().nbytes()
         hooks = [_count_calls(getattr(vae, "decoder", None), "decode", progress)]
-        tracker.reset_peak()
+        if baseline:
+            if progress:
+                hooks.append(_count_calls(encoder, "encode", progress))
+            grid = (workload.image_size // 14,) * 2
+
+            def run(lat, target):
+                tokens = simpletuner_teacher(vae, encoder, lat, workload.image_size, target)
+                return TeacherFeatures(tokens, grid, [], 0)
+        else:
+            phase_around(vae_p, tracker, "decode")
+            phase_around(enc_p, tracker, "encode")
+            path = TeacherPath(vae=vae_p, encoder=enc_p, image_size=workload.image_size,
+                               compute_device=FAKE_GPU, frames_per_chunk=settings.chunk,
+                               on_chunk=(lambda n: progress("encode")) if progress else None)
+            run = path.features
         try:
-            with tracker.phase("step"):
-                if baseline:
-                    if progress:
-                        hooks.append(_count_calls(encoder, "encode", progress))
-                    features = simpletuner_teacher(vae, encoder, latents, workload.image_size, s["dit_frames"])
-                else:
-                    path = TeacherPath(vae=vae_p, encoder=enc_p, image_size=workload.image_size,
-                                       compute_device=FAKE_GPU, frames_per_chunk=settings.chunk,
-                                       on_chunk=(lambda n: progress("encode")) if progress else None)
-                    features = path.features(latents, s["dit_frames"]).features
-            del features
+            return _finish(workload, tracker, TracedTeacher(run, tracker, enc_dim), cfg, latents, (vae_p, enc_p),
+                           weights, start)
         finally:
             for h in hooks:
                 if h is not None:
                     h.remove()
             enc_p.close()
-        prefetch = max((_stream_prefetch(p) for p in (vae_p, enc_p)), default=0)
-        return TraceResult(peak_bytes=tracker.peak_bytes(FAKE_GPU) + prefetch, weights_bytes=max(weights, 0),
-                           phases={k: v.get(str(FAKE_GPU), 0) for k, v in tracker.phase_peaks.items()},
-                           prefetch_bytes=prefetch, host_peak_bytes=tracker.peak_bytes("cpu"),
-                           wall_s=time.perf_counter() - start)
+
+
+def _finish(workload: Workload, tracker: LiveBytes, teacher, cfg: CrepaConfig, latents, placements, weights: int,
+            start: float) -> TraceResult:
+    """The whole call (crepa_mem.trace.call), then each phase's peak with its own prefetch slot."""
+    from crepa_mem.trace.call import trace_call
+
+    s, profile = workload.shapes(), workload.profile()
+    hidden = (workload.batch, s["dit_frames"], profile.tokens_per_frame(workload.height, workload.width),
+              profile.hidden_size)
+    resident = trace_call(tracker, teacher, cfg, latents, hidden_shape=hidden)
+    phases = {k: v.get(str(FAKE_GPU), 0) for k, v in tracker.phase_peaks.items()}
+    by_phase = dict(zip(("decode", "encode"), (_stream_prefetch(p) for p in placements)))
+    for name, extra in by_phase.items():  # a side stream prefetches within its own component's phase only
+        if name in phases:
+            phases[name] += extra
+    teacher_peak = max([phases.get("teacher", 0), *(phases.get(n, 0) for n in by_phase)])
+    loss_peak = phases.get("loss", 0)
+    return TraceResult(peak_bytes=max(phases.get("step", 0), teacher_peak, loss_peak),
+                       weights_bytes=max(weights, 0) + resident, phases=phases,
+                       prefetch_bytes=max(by_phase.values(), default=0), host_peak_bytes=tracker.peak_bytes("cpu"),
+                       wall_s=time.perf_counter() - start, teacher_peak_bytes=teacher_peak,
+                       loss_peak_bytes=loss_peak,
+                       h2d_bytes={"vae": tracker.h2d.get("decode", 0), "encoder": tracker.h2d.get("encode", 0)})
 
 
 def _stream_prefetch(placement) -> int:
     """On CUDA the stream tier holds the next block while one runs (a side-stream prefetch the fake
-    run, having no streams, does not make): count the largest block once more."""
+    run, having no streams, does not make): count its largest block once more, in its own phase."""
     if placement.tier != "stream" or not hasattr(placement, "groups"):
         return 0  # RamTorch's loader ran on the traced thread: its window is in the measured peak
     groups = placement.groups()
     return max(groups) if groups else 0
 
 
-def _trace_cache(workload: Workload, s: dict, enc_dtype: torch.dtype, tracker: LiveBytes, start: float) -> TraceResult:
-    """The feature cache: no VAE, no encoder; the features of the selected frames are read to the GPU
-    in the cache's dtype and cast to fp32 for the loss, as the regularizer does."""
-    from crepa_mem.profiles import get_encoder
+def _cached_features(workload: Workload, s: dict, dim: int, enc_dtype: torch.dtype) -> TeacherFeatures:
+    """The feature cache: no VAE, no encoder; the selected frames' features arrive on the GPU in the
+    cache's dtype (compute_loss casts them to fp32)."""
+    feats = torch.empty(workload.batch, s["dit_frames"], s["encoder_tokens"], dim, dtype=enc_dtype, device=FAKE_GPU)
+    return TeacherFeatures(feats, (workload.image_size // 14,) * 2, [], 0)
 
-    dim = get_encoder(workload.encoder).hidden_size
-    tracker.reset_peak()
-    with tracker.phase("step"):
-        feats = torch.empty(workload.batch, s["dit_frames"], s["encoder_tokens"], dim, dtype=enc_dtype,
-                            device=FAKE_GPU)
-        feats32 = feats.float()
-        del feats, feats32
-    return TraceResult(peak_bytes=tracker.peak_bytes(FAKE_GPU), weights_bytes=0,
-                       phases={k: v.get(str(FAKE_GPU), 0) for k, v in tracker.phase_peaks.items()},
-                       wall_s=time.perf_counter() - start)
+
+def side_report(r: TraceResult) -> dict:
+    """One side of the `--json` report: the whole call's peak, its two parts and the host → device traffic."""
+    return {"peak_bytes": r.peak_bytes, "teacher_peak_bytes": r.teacher_peak_bytes,
+            "loss_peak_bytes": r.loss_peak_bytes, "h2d_bytes": dict(r.h2d_bytes)}
+
+
+def report(base: TraceResult, cand: TraceResult, settings: TeacherSettings) -> dict:
+    """The `--json` report: both sides and baseline / candidate of the whole call's peak."""
+    return {"baseline": side_report(base), "candidate": {**side_report(cand), "settings": settings.to_dict()},
+            "ratio": base.peak_bytes / cand.peak_bytes if cand.peak_bytes else math.inf}
 
 
 def compare(workload: Workload, settings: TeacherSettings, progress: Progress | None = None) -> dict:
-    """The `--json` report: baseline and candidate peaks and baseline / candidate."""
-    base = trace_baseline(workload, progress)
-    cand = trace_candidate(workload, settings, progress)
-    return {"baseline": {"peak_bytes": base.peak_bytes},
-            "candidate": {"peak_bytes": cand.peak_bytes, "settings": settings.to_dict()},
-            "ratio": base.peak_bytes / cand.peak_bytes if cand.peak_bytes else math.inf}
+    """Trace both sides and return `report`."""
+    return report(trace_baseline(workload, progress), trace_candidate(workload, settings, progress), settings)
 
 
 def expected_steps(workload: Workload, settings: TeacherSettings) -> int:
@@ -342,5 +375,5 @@ def _tiles(workload: Workload, settings: TeacherSettings) -> int:
     return len(range(0, h, step)) * len(range(0, w, step))
 
 
-__all__ = ["Workload", "TeacherSettings", "TraceResult", "trace_baseline", "trace_candidate", "compare",
+__all__ = ["Workload", "TeacherSettings", "TraceResult", "trace_baseline", "trace_candidate", "compare", "report",
            "simpletuner_teacher", "build_vae", "build_encoder", "expected_steps", "VAE_CONFIGS", "DINOV2_CONFIGS"]
