@@ -123,13 +123,16 @@ def frame_similarity(p: Tensor, y: Tensor, *, distance: int, tau: float, cumulat
 
 
 def frame_similarity_rows(p: Tensor, y: Tensor, start: int, *, distance: int, tau: float, cumulative: bool,
-                          normalize_neighbour_sum: bool) -> tuple[Tensor, Tensor]:
-    """`frame_similarity` for the frames start … start+c−1 only (p: those c frames; y: all T frames).
+                          normalize_neighbour_sum: bool, y_start: int = 0,
+                          frames: int | None = None) -> tuple[Tensor, Tensor]:
+    """`frame_similarity` for the frames start … start+c−1 only (p: those c frames; y: the frames
+    y_start … of all `frames` (default: y holds all T), covering start − d … start+c−1+d).
 
     S(f) involves p at frame f alone (against y at f and f±k), so the rows of a chunk are the rows of
     the whole computation, term by term in the same order."""
-    frames, c = y.shape[1], p.shape[1]
-    self_sim = (p * y[:, start:start + c]).sum(dim=-1).mean(dim=-1)
+    frames, c = frames or y.shape[1], p.shape[1]
+    at = start - y_start  # frame f of the clip is row f − y_start of y
+    self_sim = (p * y[:, at:at + c]).sum(dim=-1).mean(dim=-1)
     total = self_sim.clone()
     weight_sum = torch.zeros_like(total[0]) if normalize_neighbour_sum else None
     tau = max(tau, 1e-8)
@@ -137,10 +140,10 @@ def frame_similarity_rows(p: Tensor, y: Tensor, start: int, *, distance: int, ta
         w = math.exp(-float(k) / tau)
         ahead = max(0, min(c, frames - k - start))  # rows with a frame f+k < T
         if ahead:
-            total[:, :ahead] += w * (p[:, :ahead] * y[:, start + k:start + k + ahead]).sum(dim=-1).mean(dim=-1)
+            total[:, :ahead] += w * (p[:, :ahead] * y[:, at + k:at + k + ahead]).sum(dim=-1).mean(dim=-1)
         behind = max(0, k - start)  # first row with a frame f−k ≥ 0
         if behind < c:
-            total[:, behind:] += w * (p[:, behind:] * y[:, start + behind - k:start + c - k]).sum(dim=-1).mean(dim=-1)
+            total[:, behind:] += w * (p[:, behind:] * y[:, at + behind - k:at + c - k]).sum(dim=-1).mean(dim=-1)
         if weight_sum is not None:
             weight_sum[:ahead] += w
             weight_sum[behind:] += w
@@ -149,22 +152,44 @@ def frame_similarity_rows(p: Tensor, y: Tensor, start: int, *, distance: int, ta
     return total, self_sim
 
 
+class FeatureSide:
+    """The features' half of the alignment (it has no gradient), made frame window by frame window where
+    the chunks need it: temporal subsampling, the copy to the compute device (`staged`: the features
+    wait on the host, e.g. read from the feature cache), the cast to fp32, token alignment, L2
+    normalisation. Every step is per frame, so a window's rows are the whole computation's rows, bit for
+    bit; the clip is never held in fp32 at once, only the features in their own dtype where they are.
+    `rows`: the DiT frames temporal alignment keeps (None for all); `tokens`: the features' own token
+    count, which decides the projected side's token alignment."""
+
+    def __init__(self, features_BTND: Tensor, hidden_shape: tuple[int, ...], *, spatial_align: bool,
+                 projected_grid=None, feature_grid=None, device=None, staged: bool = False):
+        t_proj = hidden_shape[1]
+        self.features, self.p_tok = features_BTND, (hidden_shape[2] if len(hidden_shape) == 4 else 1)
+        t_feat, self.tokens = features_BTND.shape[1], features_BTND.shape[2]
+        self.keep = temporal_indices(t_feat, t_proj) if t_feat > t_proj else None  # host indices
+        self.rows = temporal_indices(t_proj, t_feat, device) if t_proj > t_feat else None
+        self.frames = t_proj if self.keep is not None else t_feat
+        self.device, self.staged = device or features_BTND.device, staged
+        self.grids = dict(spatial_align=spatial_align, projected_grid=projected_grid, feature_grid=feature_grid)
+
+    def window(self, lo: int, hi: int) -> Tensor:
+        """y (B, hi−lo, t, D_enc) fp32 on the compute device: aligned, normalised frames lo … hi−1."""
+        f = self.features
+        if self.keep is None:
+            f = f[:, lo:hi]
+        else:
+            f = f.index_select(1, self.keep[lo:hi].to(f.device))
+        f = f.to(self.device, non_blocking=self.staged, copy=self.staged).float()
+        # Token alignment is per frame: a one-frame, width-1 stand-in takes the projected side's place.
+        _, y = align_tokens(f.new_empty(f.shape[0], 1, self.p_tok, 1), f, **self.grids)
+        return F.normalize(y, dim=-1)
+
+
 def feature_side(features_BTND: Tensor, hidden_shape: tuple[int, ...], *, spatial_align: bool, projected_grid=None,
-                 feature_grid=None) -> tuple[Tensor, Tensor | None, int]:
-    """The features' half of the alignment, made once (it has no gradient): temporal subsampling, token
-    alignment, L2 normalisation. Returns (y, the DiT frames temporal alignment keeps or None for all,
-    the features' own token count, which decides the projected side's token alignment)."""
-    t_proj, p_tok = hidden_shape[1], (hidden_shape[2] if len(hidden_shape) == 4 else 1)
-    b, t_feat, n_tok = features_BTND.shape[:3]
-    rows = None
-    if t_feat > t_proj:
-        features_BTND = features_BTND.index_select(1, temporal_indices(t_feat, t_proj, features_BTND.device))
-    elif t_proj > t_feat:
-        rows = temporal_indices(t_proj, t_feat, features_BTND.device)
-    # Token alignment is per frame: a one-frame, width-1 stand-in takes the projected side's place.
-    _, y = align_tokens(features_BTND.new_empty(b, 1, p_tok, 1), features_BTND, spatial_align=spatial_align,
-                        projected_grid=projected_grid, feature_grid=feature_grid)
-    return F.normalize(y, dim=-1), rows, n_tok
+                 feature_grid=None, device=None, staged: bool = False) -> FeatureSide:
+    """`FeatureSide` of the features for hidden states of `hidden_shape` (see there)."""
+    return FeatureSide(features_BTND, hidden_shape, spatial_align=spatial_align, projected_grid=projected_grid,
+                       feature_grid=feature_grid, device=device, staged=staged)
 
 
 class _Recomputed(torch.autograd.Function):
@@ -195,27 +220,30 @@ class _Recomputed(torch.autograd.Function):
         return (None, None, grad_hidden, *grad_params)
 
 
-def chunked_frame_scores(projector: nn.Module, hidden_BTPD: Tensor, side: tuple[Tensor, Tensor | None, int],
+def chunked_frame_scores(projector: nn.Module, hidden_BTPD: Tensor, side: FeatureSide,
                          chunk: int, *, spatial_align: bool, projected_grid=None, feature_grid=None, distance: int,
                          tau: float, cumulative: bool, normalize_neighbour_sum: bool) -> tuple[Tensor, Tensor]:
     """project → align → normalise → frame_similarity, `chunk` DiT frames at a time, recomputed in backward:
     the same (total, self) (B, T) as the whole computation, while one chunk's fp32 copy, projector
-    activations, alignment tensors and gradients are alive at a time (plus the hidden states' gradient).
-    `side` is `feature_side(...)`."""
-    y, rows, n_tok = side
+    activations, alignment tensors and gradients are alive at a time (plus the hidden states' gradient),
+    with the features' window of that chunk and its neighbours (`side`, a `feature_side(...)`)."""
+    rows, frames = side.rows, side.frames
     if hidden_BTPD.ndim == 3:
         hidden_BTPD = hidden_BTPD.unsqueeze(2)
-    stand_in = y.new_empty(y.shape[0], 1, n_tok, 1)
+    reach = max(neighbour_offsets(distance, frames, cumulative), default=0)
+    stand_in = hidden_BTPD.new_empty((hidden_BTPD.shape[0], 1, side.tokens, 1), dtype=torch.float32)
     grids = dict(spatial_align=spatial_align, projected_grid=projected_grid, feature_grid=feature_grid)
 
     def run(hidden_chunk: Tensor, start: int) -> tuple[Tensor, Tensor]:
         projected, _ = align_tokens(project(projector, hidden_chunk), stand_in, **grids)
-        return frame_similarity_rows(F.normalize(projected, dim=-1), y, start, distance=distance, tau=tau,
-                                     cumulative=cumulative, normalize_neighbour_sum=normalize_neighbour_sum)
+        lo, hi = max(0, start - reach), min(frames, start + hidden_chunk.shape[1] + reach)
+        return frame_similarity_rows(F.normalize(projected, dim=-1), side.window(lo, hi), start, distance=distance,
+                                     tau=tau, cumulative=cumulative, normalize_neighbour_sum=normalize_neighbour_sum,
+                                     y_start=lo, frames=frames)
 
     pieces = []
-    for start in range(0, y.shape[1], chunk):
-        stop = min(start + chunk, y.shape[1])
+    for start in range(0, frames, chunk):
+        stop = min(start + chunk, frames)
         if rows is None:
             take = lambda h, a=start, b=stop: h[:, a:b]  # noqa: E731
             put = lambda g, v, a=start, b=stop: g[:, a:b].copy_(v)  # noqa: E731

@@ -32,6 +32,14 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def all_finite(t: Tensor) -> bool:
+    """No NaN/Inf in `t`, from its min and max (both propagate NaN): `torch.isfinite(t).all()` would make
+    an |t| copy and three bool masks of t's size (≈ 840 MB for Wan 14B's hidden states at 81×480×832)."""
+    if t.numel() == 0:
+        return True
+    return bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
+
+
 class CrepaRegularizer:
     """Projector + teacher + schedule. `compute_loss` returns (loss, logs) like SimpleTuner's."""
 
@@ -96,6 +104,7 @@ class CrepaRegularizer:
         device = next(self.projector.parameters()).device
         teacher_grid = dit_grid
         facts: dict[str, Any] = {}
+        staged = False  # features on the host, copied frame window by frame window (the chunked loss only)
         if frame_features is not None:
             features = frame_features.detach().to(device).float()
             if features.ndim == 3:
@@ -112,14 +121,16 @@ class CrepaRegularizer:
             # output (≈1.5 GB for Wan 14B) would otherwise sit on the device through the whole teacher step.
             result: TeacherFeatures = self._teacher_features(latents, hidden_states.shape[1], dit_grid, step,
                                                              hidden_states.shape[2] if hidden_states.ndim == 4 else None)
-            features, teacher_grid = result.features.to(device).float(), result.grid
+            features, teacher_grid, staged = result.features, result.grid, result.staged
+            if cfg.loss_chunk <= 0:  # the chunks cast their own frames (loss.FeatureSide); the whole loss needs all
+                features = features.to(device).float()
             facts = {f"crepa_teacher_{k}": v for k, v in result.stats.items()}
             del result  # a features copy in the stored dtype would otherwise live through the loss
             cfg = self.config  # an auto decision or a lossy rung (pooled alignment) may have changed it
         # An fp16 overflow step (GradScaler skips it) or a bad teacher input: no loss, and the schedule's
         # EMA never sees the NaN, so the cutoff still works for the rest of the run.
         bad = [name for name, t in (("hidden states", hidden_states), ("teacher features", features))
-               if not torch.isfinite(t).all()]
+               if not all_finite(t)]
         if bad:
             return self._skip(" and ".join(bad), facts)
         if features.shape[0] != hidden_states.shape[0]:
@@ -130,8 +141,8 @@ class CrepaRegularizer:
                           normalize_neighbour_sum=cfg.normalize_neighbour_sum)
         if cfg.loss_chunk > 0:  # frame chunks recomputed in backward: one chunk's activations at a time
             side = feature_side(features, tuple(hidden_states.shape), spatial_align=cfg.spatial_align,
-                                projected_grid=grids[0], feature_grid=grids[1])
-            del features  # the aligned, normalised copy is all the chunks need
+                                projected_grid=grids[0], feature_grid=grids[1], device=device, staged=staged)
+            del features  # the side holds them, in their own dtype, where they are
             total, self_sim = chunked_frame_scores(self.projector, hidden_states.to(device), side, cfg.loss_chunk,
                                                    spatial_align=cfg.spatial_align, projected_grid=grids[0],
                                                    feature_grid=grids[1], **similarity)

@@ -205,3 +205,50 @@ def test_chunked_loss_and_gradient_equal_the_whole_computation(case, chunk):
     torch.testing.assert_close(c_loss, loss, rtol=1e-6, atol=0)
     for a, b in zip(c_grads, grads):  # relative to the norm: chunks sum the weight gradient in another order
         assert (a - b).norm() <= 1e-6 * b.norm()
+
+
+def _eager_rows(projector, hidden, features, chunk, **kw):
+    """The chunked scores as they were made before the features' side went window by window: the whole
+    clip's y (aligned, normalised, fp32) first, then each chunk's rows against it (no recomputation)."""
+    from crepa_mem.loss import align_tokens, project, temporal_indices
+
+    grids = dict(spatial_align=kw.pop("spatial_align"), projected_grid=kw.pop("projected_grid", None),
+                 feature_grid=kw.pop("feature_grid", None))
+    feats = features.float()
+    if feats.shape[1] > hidden.shape[1]:
+        feats = feats.index_select(1, temporal_indices(feats.shape[1], hidden.shape[1]))
+    _, y = align_tokens(feats.new_empty(feats.shape[0], 1, hidden.shape[2], 1), feats, **grids)
+    y = F.normalize(y, dim=-1)
+    rows = temporal_indices(hidden.shape[1], y.shape[1]) if hidden.shape[1] > y.shape[1] else None
+    stand_in = y.new_empty(y.shape[0], 1, features.shape[2], 1)
+    parts = []
+    for a in range(0, y.shape[1], chunk):
+        h = hidden[:, a:a + chunk] if rows is None else hidden.index_select(1, rows[a:a + chunk])
+        projected, _ = align_tokens(project(projector, h), stand_in, **grids)
+        parts.append(frame_similarity_rows(F.normalize(projected, dim=-1), y, a, **kw))
+    return torch.cat([t for t, _ in parts], 1), torch.cat([s for _, s in parts], 1)
+
+
+@pytest.mark.parametrize("case", [dict(frames=(6, 21), tokens=(6, 16)), dict(frames=(9, 4), tokens=(16, 9)),
+                                  dict(frames=(5, 5), tokens=(4, 9), spatial_align=False),
+                                  dict(frames=(5, 5), tokens=(6, 12), grids=((2, 3), (3, 4)))])
+@pytest.mark.parametrize("dtype,staged", [(torch.float32, False), (torch.bfloat16, True)])
+def test_features_window_by_window_give_the_scores_of_the_whole_y_bit_for_bit(case, dtype, staged):
+    """Features kept in their own dtype (a bf16 cache, staged from the host) and cast per window of a chunk
+    and its neighbours: the same bits as casting, aligning and normalising the whole clip at once."""
+    g = torch.Generator().manual_seed(3)
+    (tp, tf), (p, n) = case["frames"], case["tokens"]
+    torch.manual_seed(0)
+    projector = build_projector(12, 8)
+    hidden = torch.randn(2, tp, p, 12, generator=g)
+    features = torch.randn(2, tf, n, 8, generator=g).to(dtype)
+    grids = case.get("grids", (None, None))
+    kw = dict(spatial_align=case.get("spatial_align", True), projected_grid=grids[0], feature_grid=grids[1],
+              distance=2, tau=1.0, cumulative=True, normalize_neighbour_sum=True)
+    side = feature_side(features, tuple(hidden.shape), spatial_align=kw["spatial_align"], projected_grid=grids[0],
+                        feature_grid=grids[1], staged=staged)
+    for chunk in (1, 3):
+        total, selfs = chunked_frame_scores(projector, hidden, side, chunk, **kw)
+        ref_total, ref_selfs = _eager_rows(projector, hidden, features, chunk, **dict(kw))
+        torch.testing.assert_close(total, ref_total, rtol=0, atol=0)
+        torch.testing.assert_close(selfs, ref_selfs, rtol=0, atol=0)

@@ -243,3 +243,34 @@ def test_the_folder_is_fsynced_after_each_rename(tmp_path, monkeypatch):
     store = _store(tmp_path)
     key, _ = _write(store)
     assert str(store.path_of(key).parent) in synced and str(store.root) in synced
+
+
+def test_an_entry_is_read_into_its_destination_with_no_second_buffer_of_it(tmp_path):
+    """The bytes go from the file into the caller's tensor (a slice of a batch buffer), hashed block by
+    block: Python holds no copy of the entry (what `path.read_bytes()` and a safetensors load held, twice
+    its size), and a verify holds one block."""
+    import tracemalloc
+
+    from crepa_mem.teacher import store as store_module
+
+    store = _store(tmp_path)
+    feats = torch.randn(64, 128, 8).to(torch.bfloat16)  # 128 KiB
+    key, _ = _write(store, feats=feats)
+    batch = torch.zeros(2, *feats.shape, dtype=torch.bfloat16)
+    tracemalloc.start()
+    try:
+        entry = store.read(key, into=lambda shape, dtype: batch[1])
+        _, read_peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        store_module._BLOCK, block = 4096, store_module._BLOCK
+        try:
+            assert store.verify(key) is None
+        finally:
+            store_module._BLOCK = block
+        _, verify_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    nbytes = feats.numel() * 2
+    assert entry.features.data_ptr() == batch[1].data_ptr() and torch.equal(batch[1], feats)
+    assert not batch[0].any()
+    assert read_peak < nbytes / 4 and verify_peak < nbytes / 4

@@ -36,3 +36,16 @@ def test_streamed_encoder_moves_its_weights_once_per_step_whatever_the_chunk(chu
     calls = -(-frames // chunk) if chunk else 1
     r = trace_candidate(w, TeacherSettings(encoder_tier="stream", chunk=chunk))
     assert r.h2d_bytes["encoder"] == module_bytes(build_encoder("dinov2_vits14")) + calls * CONSTANTS
+
+
+def test_a_feature_cache_for_the_chunked_loss_stays_on_the_host():
+    """Staged: the clip's features never sit on the GPU, only the chunks' windows of them: the teacher side
+    holds the projector with its Adam states and the latents alone."""
+    w = Workload(**SMALL)
+    s = w.shapes()
+    latents = 4 * w.batch * s["latent_channels"] * s["latent_frames"] * s["latent_height"] * s["latent_width"]
+    staged = trace_candidate(w, TeacherSettings(feature_cache=True, loss_chunk=1))
+    assert staged.teacher_peak_bytes == staged.weights_bytes + latents
+    whole = trace_candidate(w, TeacherSettings(feature_cache=True))
+    features = 4 * w.batch * s["dit_frames"] * s["encoder_tokens"] * 384  # ViT-S/14 fp32
+    assert whole.teacher_peak_bytes == whole.weights_bytes + latents + features

@@ -76,8 +76,36 @@ def _fewest_resident(ctx: Any, c: Any, evaluate: Evaluate) -> Any:
     return replace(c, resident_chunks=lo)
 
 
+LOSS_CHUNKS = (8, 4, 2, 1)  # DiT frames per loss chunk, largest (fewest recomputed chunks) first
+
+
+def loss_twin(ctx: Any, c: Any, evaluate: Evaluate) -> Any | None:
+    """`c` with its loss phase in chunks (crepa_mem_loss_chunk: lossless, loss and gradient within 1e-6, at the
+    cost of a recomputed forward), when the whole loss phase does not fit or sets the candidate's peak: the
+    largest chunk that fits, else 1. None where chunking cannot help."""
+    e, fits, _ = evaluate(c)
+    frames = ctx.model.latent_frames(ctx.frames)
+    if c.loss_chunk > 0 or e.peak_phase != "loss" or frames < 2:
+        return None
+    chunks = [k for k in LOSS_CHUNKS if k < frames]
+    for k in chunks:
+        twin = replace(c, loss_chunk=k)
+        if evaluate(twin)[1]:
+            return twin
+    return replace(c, loss_chunk=chunks[-1])
+
+
 def variants(ctx: Any, step: Iterable[Any], evaluate: Evaluate) -> Iterator[Any]:
-    """Each candidate, its RamTorch twin (encoder on stream), and the host ways out where the node is short."""
+    """Each candidate, its RamTorch twin (encoder on stream), the host ways out where the node is short, and
+    of each the loss-chunked twin where the loss phase is what does not fit or sets the peak."""
+    for o in _variants(ctx, step, evaluate):
+        yield o
+        twin = loss_twin(ctx, o, evaluate)
+        if twin is not None:
+            yield twin
+
+
+def _variants(ctx: Any, step: Iterable[Any], evaluate: Evaluate) -> Iterator[Any]:
     for c in step:
         options = [c]
         if c.encoder_tier == "stream":

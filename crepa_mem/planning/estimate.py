@@ -280,7 +280,9 @@ def estimate(model: ModelProfile, encoder: EncoderProfile, *, frames: int, heigh
     aligned = total_frames * target * d_enc * 4  # y: the features aligned and L2-normalised, fp32
     chunked = loss_chunk is not None and 0 < loss_chunk < rows // batch
     on_gpu = "encode+" if encoder_tier in ON_GPU else ""
-    held = eb == 4 and not chunked  # fp32 features are the loss's own; a cast copy or y replaces the others
+    # fp32 features are the whole loss's own (a cast copy or y replaces the others); the chunked loss keeps them
+    # in their dtype and casts per window, and a cache's stay on the host (staged)
+    held = (eb == 4 and not chunked) or (chunked and encoder_tier != "cache")
     if on_gpu or held:
         add("features", total_frames * n_enc * d_enc * eb, on_gpu + "loss" if held else "encode")
     if not chunked:
@@ -293,8 +295,8 @@ def estimate(model: ModelProfile, encoder: EncoderProfile, *, frames: int, heigh
         forward = 2 * m_rows * d_dit * 4 + m_rows * d_enc * 4 + proj_side + 2 * aligned
         backward = 3 * m_rows * d_dit * 4 + aligned
         add("loss_activations", max(forward, backward), "loss")
-    else:  # crepa_mem_loss_chunk: features → y once (then freed), chunks recomputed in backward
-        add("features_aligned", aligned, "loss")
+    else:  # crepa_mem_loss_chunk: chunks recomputed in backward, y made per window (the chunk ± one neighbour)
+        add("features_window", batch * min(loss_chunk + 2, t_sel) * target * d_enc * 4, "loss")
         add("hidden_grad", m_rows * d_dit * dtype_bytes(dit_dtype), "loss")  # written chunk by chunk
         m_chunk = batch * loss_chunk * p_dit
         # One chunk's recompute and its gradients (fitted on crepa_mem.trace at Wan 14B / 1.3B and LTX 2B,
@@ -314,7 +316,7 @@ def estimate(model: ModelProfile, encoder: EncoderProfile, *, frames: int, heigh
     return Estimate(terms, inputs=inputs, h2d=traffic)
 
 
-LOSS_TERMS = ("projector", "features_fp32", "loss_activations", "features_aligned", "hidden_grad",
+LOSS_TERMS = ("projector", "features_fp32", "loss_activations", "features_window", "hidden_grad",
               "loss_chunk_activations")
 
 

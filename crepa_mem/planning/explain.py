@@ -91,6 +91,15 @@ def explain(ctx, c, e: est.Estimate, cost: dict[str, float], baseline, fits: boo
         choice("crepa_encoder_frames_batch_size", c.chunk, f"teacher in chunks of {c.chunk} of the {frames} frames: "
                f"encoder activations {f(all_act)} -> {f(e.components.get('encoder_activations', 0))}",
                "none (same features)", "~none (SimpleTuner PR #2258: 8-frame slices were not slower)")
+    if c.loss_chunk > 0:
+        keys = ("frames", "height", "width", "batch", "image_size", "encoder_dtype", "vae_dtype", "encoder_tier",
+                "vae_tier", "vae_tiling", "drop_vae_encoder", "frames_per_chunk", "spatial_align")
+        whole = est.estimate(ctx.model, enc, **{k: e.inputs[k] for k in keys})
+        choice("crepa_mem_loss_chunk", c.loss_chunk, f"loss phase (projection, alignment, backward) in chunks of "
+               f"{c.loss_chunk} of the {ctx.model.latent_frames(ctx.frames)} DiT frames, recomputed in backward: "
+               f"{f(whole.phase_bytes['loss'])} -> {f(e.phase_bytes['loss'])}"
+               + ("" if whole.peak_bytes <= b else " (the whole loss phase does not fit)"),
+               "none (loss and gradient equal within 1e-6)")
     if c.tiling:
         vae = ctx.model.vae
         untiled = est.vae_decode_activation_bytes(vae, ctx.frames, ctx.height, ctx.width, tiling=False, dtype="bf16")

@@ -55,6 +55,7 @@ class Candidate:
     stream_engine: str = "group_offload"  # the encoder's stream engine, with RamTorch's resident chunks
     resident_chunks: int = 0
     encoder_host: str = "pinned"  # pinned · shared · nvme (planning/host.py)
+    loss_chunk: int = -1  # crepa_mem_loss_chunk: DiT frames per loss chunk, recomputed in backward (lossless)
 
 
 @dataclass
@@ -146,7 +147,8 @@ class _Ctx:
 def _kwargs(ctx: _Ctx, c: Candidate) -> dict[str, Any]:
     return dict(frames=ctx.frames, height=ctx.height, width=ctx.width, batch=ctx.batch,
                 image_size=c.level.image_size, encoder_dtype=c.level.encoder_dtype, vae_tiling=c.tiling,
-                drop_vae_encoder=c.drop_vae_encoder, frames_per_chunk=c.chunk, spatial_align=c.level.spatial_align)
+                drop_vae_encoder=c.drop_vae_encoder, frames_per_chunk=c.chunk, spatial_align=c.level.spatial_align,
+                loss_chunk=c.loss_chunk if c.loss_chunk > 0 else None)
 
 
 def _evaluate(ctx: _Ctx, c: Candidate) -> tuple[est.Estimate, bool, dict[str, float]]:
@@ -188,6 +190,9 @@ def _overhead(ctx: _Ctx, c: Candidate, e: est.Estimate, enc: EncoderProfile) -> 
                                                               tiling=True, **shape) - vae_s
     if c.chunk > 0:
         parts["crepa_encoder_frames_batch_size"] = st.CHUNK_OVERHEAD_S * (-(-frames // c.chunk) - 1)
+    if c.loss_chunk > 0:
+        parts["crepa_mem_loss_chunk"] = st.loss_recompute_seconds(ctx.model, enc, height=ctx.height, width=ctx.width,
+                                                                  chunk=c.loss_chunk, **shape)
     return parts
 
 
@@ -255,8 +260,9 @@ def plan(model: str | ModelProfile, gpu: str | DeviceInfo = "auto", *, frames: i
     chosen = smallest = fastest = None
     for rank, level in enumerate(levels):
         enc = ctx.encoder(level.encoder, profiles_dir)
-        # lower bound: no teacher at all on the GPU (features + loss only, what the cache also needs)
-        floor = est.estimate(m, enc, encoder_tier="device", vae_tier="device", **_kwargs(ctx, Candidate(level)))
+        # lower bound: no teacher at all on the GPU (features + the chunked loss only, what the cache also needs)
+        floor = est.estimate(m, enc, encoder_tier="device", vae_tier="device",
+                             **_kwargs(ctx, Candidate(level, loss_chunk=1)))
         if floor.peak_bytes > budget and rank < len(levels) - 1:
             continue
         fitting = []  # every candidate of equal teacher quality that fits: the fastest wins
@@ -314,4 +320,5 @@ def _settings(m: ModelProfile, c: Candidate, base: CrepaConfig | None) -> dict[s
         "crepa_mem_vae_tiling": c.tiling,
         "crepa_mem_teacher_device": c.teacher_device,
         "crepa_mem_feature_cache": FEATURE_CACHE_DIR if lv.cache else None,
+        "crepa_mem_loss_chunk": c.loss_chunk,
     }

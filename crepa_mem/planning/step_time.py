@@ -71,3 +71,16 @@ def vae_decode_seconds(model: ModelProfile, *, frames: int, height: int, width: 
 
 def cache_read_seconds(feature_bytes: int) -> float:
     return feature_bytes / CACHE_CHECKSUM_BYTES_PER_S
+
+
+# The chunked loss phase (crepa_mem_loss_chunk) runs each chunk's forward again in backward: one more forward
+# of the fp32 projector (2·M·D_dit·D_enc FLOPs over the M = B·T'·P rows) at the encoder's achieved rate, plus
+# a launch per chunk. benchmarks/loss_chunk_overhead.py measured chunked / whole loss + backward on this
+# project's 2-core CPU at 1.66 (chunks of 1 frame) and 1.23 (3 frames), medians of paired runs: the
+# recomputation (≈ +1/3 of forward + backward) and small-matrix overheads a GPU's GEMMs lose less to.
+def loss_recompute_seconds(model: ModelProfile, enc: EncoderProfile, *, frames: int, height: int, width: int,
+                           batch: int, chunk: int, bf16_tflops: float | None) -> float:
+    dit_frames = model.latent_frames(frames)
+    rows = batch * dit_frames * model.tokens_per_frame(height, width)
+    flops = 2 * rows * model.hidden_size * enc.hidden_size
+    return flops * FP32_SLOWDOWN / (tflops(bf16_tflops) * ENCODER_MFU) + CHUNK_OVERHEAD_S * -(-dit_frames // chunk)

@@ -71,10 +71,30 @@ class FeatureCacheTeacher:
     @torch.no_grad()
     def features(self, latents_BCThw: Tensor, target_frames: int,
                  dit_grid: tuple[int, int] | None = None) -> TeacherFeatures:
-        """The stored tokens of each batch item, stacked to (B, T_sel, N, D) on the compute device."""
+        """The stored tokens of each batch item, (B, T_sel, N, D) in their stored dtype.
+
+        Each entry is read from its file straight into its slice of one batch buffer (pinned when the
+        compute device is CUDA), checksummed as it arrives. With the chunked loss (crepa_mem_loss_chunk) the
+        buffer stays on the host, `staged`: each chunk copies the frames it needs (loss.FeatureSide), so
+        the clip never sits on the device; otherwise it goes to the compute device in one copy."""
         want_grid = tuple(dit_grid) if (self.config.true_grid and dit_grid is not None) else None
+        batch, device = latents_BCThw.shape[0], self.compute_device
+        buffer: list[Tensor] = []
+
+        def into(b: int):
+            def slot(shape: tuple, dtype: torch.dtype) -> Tensor:
+                if not buffer:
+                    buffer.append(torch.empty((batch, *shape), dtype=dtype, pin_memory=device.type == "cuda"))
+                if tuple(buffer[0].shape[1:]) != shape or buffer[0].dtype != dtype:
+                    raise FeatureCacheError(
+                        f"feature-cache entries of one batch differ: item {b} holds {shape} "
+                        f"{str(dtype).removeprefix('torch.')}, item 0 {tuple(buffer[0].shape[1:])} "
+                        f"{str(buffer[0].dtype).removeprefix('torch.')}; rebuild the cache with one setting")
+                return buffer[0][b]
+            return slot
+
         entries, read_bytes = [], 0
-        for b in range(latents_BCThw.shape[0]):
+        for b in range(batch):
             latent = latents_BCThw[b]
             key = latent_key(latent)
             if not self.store.has(key):
@@ -83,7 +103,7 @@ class FeatureCacheTeacher:
                     f"{tuple(latent.shape)} {str(latent.dtype).removeprefix('torch.')}, key {key[:16]}…; the "
                     f"cache was built from latents as {self.store.settings.get('latents_dtype', 'stored')}): "
                     f"build it with `crepa-mem cache build` from the same latents the trainer passes")
-            entry = self.store.read(key)
+            entry = self.store.read(key, into=into(b))
             f = entry.pixel_frames
             keep = temporal_indices(f, target_frames).tolist() if f > target_frames else list(range(f))
             if keep != entry.frame_indices or entry.dit_grid != want_grid:
@@ -92,12 +112,14 @@ class FeatureCacheTeacher:
                     f"frames {entry.frame_indices}) and DiT grid {entry.dit_grid}, but training asks for "
                     f"{target_frames} frames ({keep}) and grid {want_grid}: rebuild with --target-frames/--model "
                     f"matching the trainer")
+            entry.features = None  # a view of the buffer
             entries.append(entry)
             read_bytes += entry.nbytes
-        features = torch.stack([e.features for e in entries]).to(self.compute_device)
+        staged = self.config.loss_chunk > 0 and device.type != "cpu"
+        features = buffer[0] if staged else buffer[0].to(device)
         first = entries[0]
         stats = {"tier": "cache", "hits": len(entries), "read_bytes": read_bytes}
-        return TeacherFeatures(features, first.grid, first.frame_indices, first.pixel_frames, stats)
+        return TeacherFeatures(features, first.grid, first.frame_indices, first.pixel_frames, stats, staged=staged)
 
 
 # ------------------------------------------------------------------ latent files

@@ -188,11 +188,12 @@ def prepare_images(frames_n3HW: Tensor, size: tuple[int, int], encoder_dtype: to
 class TeacherFeatures:
     """Encoder tokens of the selected frames, with what it took to make them."""
 
-    features: Tensor                      # (B, T_sel, N, D) on the compute device
+    features: Tensor                      # (B, T_sel, N, D) on the compute device (staged: on the host)
     grid: tuple[int, int]                 # encoder token grid (h, w)
     frame_indices: list[int]              # pixel frames kept (temporal alignment)
     pixel_frames: int                     # F decoded
     stats: dict = field(default_factory=dict)
+    staged: bool = False                  # the chunked loss copies the frames each chunk needs to the device
 
 
 _OOM_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import socket
@@ -26,7 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -111,18 +112,58 @@ def temp_is_stale(path: Path, now: float | None = None) -> bool:
     return age > STALE_SECONDS
 
 
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
-    """The `__metadata__` of a safetensors buffer (8-byte little-endian header length, then JSON)."""
-    if len(data) < 8:
-        raise ValueError("shorter than a safetensors header")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > len(data) - 8:
-        raise ValueError("header runs past the end of the file")
-    header = json.loads(data[8:8 + n])
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    if not isinstance(meta, dict):
-        raise ValueError("no __metadata__ in the header")
-    return meta
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+_BLOCK = 8 << 20  # bytes read (and hashed) per call: what a verify holds, never the whole entry
+
+
+def _read_streamed(path: Path, into: Callable[[tuple, torch.dtype], Tensor] | None) -> tuple[dict, Tensor | None,
+                                                                                                tuple, "hashlib._Hash"]:
+    """One safetensors entry read as a stream: the header, then the tensor's bytes straight into
+    `into(shape, dtype)` (a contiguous CPU tensor; None: into one reused block, for a verify), hashed block by
+    block as they arrive. Returns (metadata, tensor or None, shape, sha256 of the tensor bytes so far).
+    ValueError for anything that is not exactly one "features" tensor filling the rest of the file."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise ValueError("header runs past the end of the file")
+        header = json.loads(f.read(n))
+        meta = header.pop("__metadata__", None) if isinstance(header, dict) else None
+        if not isinstance(meta, dict):
+            raise ValueError("no __metadata__ in the header")
+        info = header.get("features")
+        if set(header) != {"features"} or not isinstance(info, dict) or info.get("dtype") not in _DTYPES:
+            raise ValueError(f"tensors {sorted(header)!r}, not one 'features' tensor of a float dtype")
+        dtype, shape, offsets = _DTYPES[info["dtype"]], info.get("shape"), info.get("data_offsets")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise ValueError(f"shape {shape!r}")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if offsets != [0, nbytes] or size != 8 + n + nbytes:
+            raise ValueError(f"data offsets {offsets!r} and file size {size} do not hold {tuple(shape)} {dtype}")
+        h = hashlib.sha256()
+        out = into(tuple(shape), dtype) if into is not None else None
+        if out is not None:
+            view = memoryview(out.view(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b"")
+        else:
+            block = memoryview(bytearray(min(_BLOCK, nbytes)))
+        done = 0
+        while done < nbytes:
+            k = min(_BLOCK, nbytes - done)
+            part = view[done:done + k] if out is not None else block[:k]
+            if f.readinto(part) != k:
+                raise ValueError("tensor bytes end early")
+            h.update(part)
+            done += k
+    return meta, out, tuple(shape), h
+
+
+def _meta_checksum(h: "hashlib._Hash", meta: Mapping[str, str]) -> str:
+    """`tensor_checksum`'s digest, given the sha256 of the tensor bytes."""
+    h.update(json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True).encode())
+    return h.hexdigest()
 
 
 # ------------------------------------------------------------------ entries
@@ -253,23 +294,25 @@ class FeatureStore:
     def has(self, key: str) -> bool:
         return self.path_of(key).is_file()
 
-    def read(self, key: str) -> Entry:
-        """The entry for `key`; FeatureCacheError if it is missing, corrupt, truncated or stale."""
-        from safetensors.torch import load
+    def read(self, key: str, into: Callable[[tuple, torch.dtype], Tensor] | None = None) -> Entry:
+        """The entry for `key`; FeatureCacheError if it is missing, corrupt, truncated or stale. Its bytes go
+        straight from the file into one tensor (`into(shape, dtype)`, e.g. a slice of a batch buffer, or a new
+        one), checksummed as they arrive: no second buffer of the entry."""
+        return self._load(key, into or (lambda shape, dtype: torch.empty(shape, dtype=dtype)))
 
+    def _load(self, key: str, into) -> Entry:
         path = self.path_of(key)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise FeatureCacheError(f"feature cache {str(self.root)!r} has no entry {key[:16]}…") from None
         repair = "run `crepa-mem cache build` again with the same --out to rewrite it"
         try:
-            meta = _safetensors_metadata(data)
-            feats = load(data)["features"]
+            meta, feats, shape, h = _read_streamed(path, into)
+        except FileNotFoundError:
+            raise FeatureCacheError(f"feature cache {str(self.root)!r} has no entry {key[:16]}…") from None
+        except FeatureCacheError:
+            raise
         except Exception as e:  # noqa: BLE001 - any parse failure means a damaged file
             raise FeatureCacheError(f"feature-cache entry {str(path)!r} is corrupt or truncated "
                                     f"({type(e).__name__}: {str(e)[:120]}); {repair}") from None
-        if not all(isinstance(v, str) for v in meta.values()) or meta.get("checksum") != tensor_checksum(feats, meta):
+        if not all(isinstance(v, str) for v in meta.values()) or meta.get("checksum") != _meta_checksum(h, meta):
             raise FeatureCacheError(f"feature-cache entry {str(path)!r} is corrupt (checksum mismatch); {repair}")
         if meta.get("settings_sha") != self.settings_sha or meta.get("key") != key:
             raise FeatureCacheError(f"feature-cache entry {str(path)!r} was built with other settings than "
@@ -280,19 +323,19 @@ class FeatureStore:
                           pixel_frames=int(meta["pixel_frames"]), target_frames=int(meta["target_frames"]),
                           grid=tuple(_ints(grid, "grid", 2)),
                           dit_grid=tuple(_ints(dit_grid, "dit_grid", 2)) if dit_grid is not None else None,
-                          source=str(meta.get("source", "")), nbytes=len(data))
+                          source=str(meta.get("source", "")), nbytes=path.stat().st_size)
         except (KeyError, ValueError, TypeError) as e:
             raise FeatureCacheError(f"feature-cache entry {str(path)!r} has damaged metadata "
                                     f"({type(e).__name__}: {str(e)[:120]}); {repair}") from None
-        if feats.ndim != 3 or feats.shape[-1] != self.encoder_dim:
-            raise FeatureCacheError(f"feature-cache entry {str(path)!r} holds features {tuple(feats.shape)}, but the "
+        if len(shape) != 3 or shape[-1] != self.encoder_dim:
+            raise FeatureCacheError(f"feature-cache entry {str(path)!r} holds features {shape}, but the "
                                     f"manifest says (frames, tokens, {self.encoder_dim}); {repair}")
         return entry
 
     def verify(self, key: str) -> str | None:
-        """None if the entry reads back intact, else why not."""
+        """None if the entry reads back intact, else why not (read block by block, nothing of it kept)."""
         try:
-            self.read(key)
+            self._load(key, None)
         except FeatureCacheError as e:
             return str(e)
         return None

@@ -50,6 +50,9 @@ class TracedTeacher:
     def features(self, latents: torch.Tensor, target_frames: int, dit_grid=None) -> TeacherFeatures:
         with self._tracker.count_as("cpu", "cpu"), self._tracker.phase("teacher"):
             result = self._run(latents, target_frames)
+        if result.staged:  # on the host: the loss side's copies of its frames are counted where they are made
+            self.loss_phase.enter_context(self._tracker.phase(LOSS_PHASE))
+            return result
         shape, dtype = result.features.shape, result.features.dtype
         result.features = None  # freed on the GPU side ...
         result.features = torch.empty(shape, dtype=dtype, device="cpu")  # ... made on the loss side

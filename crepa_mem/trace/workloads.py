@@ -251,7 +251,9 @@ def _trace(workload: Workload, settings: TeacherSettings, progress: Progress | N
                               s["latent_width"], device=FAKE_GPU)
         cfg = CrepaConfig() if baseline else settings.config()
         if settings.feature_cache and not baseline:
-            teacher = TracedTeacher(lambda lat, t: _cached_features(workload, s, enc_dim, enc_dtype), tracker, enc_dim)
+            staged = bool(settings.loss_chunk)  # FeatureCacheTeacher: on the host for the chunked loss
+            teacher = TracedTeacher(lambda lat, t: _cached_features(workload, s, enc_dim, enc_dtype, staged), tracker,
+                                    enc_dim)
             return _finish(workload, tracker, teacher, cfg, latents, (), 0, start)
         from crepa_mem.teacher.vae import prepare_vae
 
@@ -321,11 +323,14 @@ def _stream_prefetch(placement) -> int:
     return max(groups) if groups else 0
 
 
-def _cached_features(workload: Workload, s: dict, dim: int, enc_dtype: torch.dtype) -> TeacherFeatures:
-    """The feature cache: no VAE, no encoder; the selected frames' features arrive on the GPU in the
-    cache's dtype (compute_loss casts them to fp32)."""
-    feats = torch.empty(workload.batch, s["dit_frames"], s["encoder_tokens"], dim, dtype=enc_dtype, device=FAKE_GPU)
-    return TeacherFeatures(feats, (workload.image_size // 14,) * 2, [], 0)
+def _cached_features(workload: Workload, s: dict, dim: int, enc_dtype: torch.dtype,
+                     staged: bool = False) -> TeacherFeatures:
+    """The feature cache: no VAE, no encoder; the selected frames' features in the cache's dtype, read into
+    one host buffer that either stays there (`staged`: the chunked loss copies each chunk's frames over)
+    or arrives on the GPU (compute_loss casts it to fp32)."""
+    shape = (workload.batch, s["dit_frames"], s["encoder_tokens"], dim)
+    feats = torch.empty(shape, dtype=enc_dtype, device="cpu" if staged else FAKE_GPU)
+    return TeacherFeatures(feats, (workload.image_size // 14,) * 2, [], 0, staged=staged)
 
 
 def side_report(r: TraceResult) -> dict:
