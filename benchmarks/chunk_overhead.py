@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
@@ -46,11 +47,13 @@ def main() -> None:
     torch.testing.assert_close(chunked.features(latents, t).features, whole.features(latents, t).features,
                                rtol=1e-5, atol=1e-5)
     times = {"all": [], "chunked": []}
-    for _ in range(args.repeats):  # alternate, so load on the machine hits both alike
+    for i in range(args.repeats):  # alternate, so load on the machine hits both alike
         for name, p in (("all", whole), ("chunked", chunked)):
             start = time.perf_counter()
             p.features(latents, t)
             times[name].append(time.perf_counter() - start)
+        print(f"  pair {i + 1}/{args.repeats}: all {times['all'][-1]:.2f} s, chunked {times['chunked'][-1]:.2f} s",
+              file=sys.stderr, flush=True)
     print(f"threads {torch.get_num_threads()}, {t} frames at {args.size} px, ViT-S/14 (12 layers, width 384)")
     for name, label in (("all", "all at once    "), ("chunked", f"chunks of {args.chunk:<5d}")):
         runs = ", ".join(f"{x:.3f}" for x in times[name])

@@ -49,6 +49,10 @@ def run(path: Path) -> tuple[float, int, dict]:
     return time.perf_counter() - t0, out["rss"], json.loads(out["out"])
 
 
+def step(what: str) -> None:
+    print(what, file=sys.stderr, flush=True)  # progress on stderr: the result line stays alone on stdout
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mib", type=int, default=300)
@@ -56,9 +60,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         small, big = Path(tmp) / "small.log", Path(tmp) / "big.log"
         small.write_text(OOM_TAIL.read_text())
+        step(f"[1/3] writing a {args.mib} MiB log")
         write_log(big, args.mib)
         size = os.path.getsize(big)
+        step("[2/3] doctor on a tiny log (the baseline)")
         t_small, rss_small, _ = run(small)
+        step(f"[3/3] doctor on the {size / 2**20:.0f} MiB log (≈ 3-4 min on a shared 2-core machine)")
         t_big, rss_big, report = run(big)
     codes = [f["code"] for f in report["findings"]]
     print(f"log {size / 2**20:.0f} MiB: {t_big:.2f} s wall (a tiny log: {t_small:.2f} s); peak RSS "

@@ -95,16 +95,18 @@ def main() -> None:
         return rank(args.rank, args.layers, args.width, args.folder, args.barrier)
     mib = 1024 * 1024
     with tempfile.TemporaryDirectory(dir=os.getcwd()) as folder:  # a real disk, not tmpfs
+        print("[1/4] ranks without the encoder (the baseline)", file=sys.stderr, flush=True)
         base = run("none", args.ranks, args.layers, args.width, folder)
         print(f"{args.ranks} ranks, DINOv2 {args.layers} layers × {args.width} wide, fp32; MiB above a rank "
               f"without the encoder (RSS / PSS per rank; node = sum of PSS; anonymous per rank)")
-        for way in ("private", "shared", "nvme"):
+        for i, way in enumerate(("private", "shared", "nvme"), 2):
+            print(f"[{i}/4] {way}", file=sys.stderr, flush=True)
             rows = run(way, args.ranks, args.layers, args.width, folder)
             rss = [(r["rss"] - b["rss"]) / mib for r, b in zip(rows, base)]
             pss = [(r["pss"] - b["pss"]) / mib for r, b in zip(rows, base)]
             anon = [(r["anonymous"] - b["anonymous"]) / mib for r, b in zip(rows, base)]
             print(f"{way:8s} RSS {' '.join(f'{x:7.1f}' for x in rss)}   PSS {' '.join(f'{x:7.1f}' for x in pss)}"
-                  f"   node {sum(pss):7.1f}   anonymous {' '.join(f'{x:7.1f}' for x in anon)}  MiB")
+                  f"   node {sum(pss):7.1f}   anonymous {' '.join(f'{x:7.1f}' for x in anon)}  MiB", flush=True)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import time
 
 import torch
@@ -23,11 +24,12 @@ def best_times(fns: dict, repeats: int) -> dict:
     for fn in fns.values():
         fn()  # warm-up (group offloading records the execution order on its first call)
     out = {name: [] for name in fns}
-    for _ in range(repeats):
+    for i in range(repeats):
         for name, fn in fns.items():
             start = time.perf_counter()
             fn()
             out[name].append(time.perf_counter() - start)
+        print(f"  round {i + 1}/{repeats}", file=sys.stderr, flush=True)
     return {name: min(ts) for name, ts in out.items()}
 
 

@@ -10,6 +10,7 @@ apart, the host → device bytes per step, and the trace's own wall time. Every 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 from crepa_mem.trace.workloads import TeacherSettings, Workload, trace_baseline, trace_candidate
@@ -49,6 +50,7 @@ def main() -> None:
     w = Workload(model=args.model, frames=args.frames, height=args.height, width=args.width,
                  encoder=args.encoder, image_size=args.image_size)
     t0 = time.perf_counter()
+    print("tracing SimpleTuner's recipe (the baseline), then one row per configuration", file=sys.stderr, flush=True)
     base = trace_baseline(w)
     print(f"workload: {w}")
     print(f"{'configuration':48s} {'peak':>12s} {'ratio':>7s} {'teacher':>12s} {'loss':>12s} {'h2d/step':>12s} "

@@ -7,6 +7,7 @@ the projector (and LoRA) of 1 process on the concatenated batch. SGD, not Adam: 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -22,6 +23,9 @@ from test_example import load_example
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ["--steps", "2", "--optimizer", "sgd", "--lr", "0.05", "--seed", "3"]
 FILES = ("crepa_projector.safetensors", "pytorch_lora_weights.safetensors")
+# README lines these tests run verbatim (plus their options), so tests/test_readme.py does not launch them again
+README_DDP = "accelerate launch --multi_gpu --num_processes 2 examples/train_wan_lora.py --plan-model wan"
+README_FSDP = "torchrun --nproc_per_node 2 examples/train_wan_fsdp.py --fsdp 2:root,1:own"
 
 pytestmark = [
     pytest.mark.slow,
@@ -43,9 +47,14 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     return proc
 
 
-def _torchrun(script: str, *args: str) -> subprocess.CompletedProcess:
-    return _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                 "--master_port", str(_free_port()), str(ROOT / "examples" / script), *args])
+def _launch(readme_line: str, launcher_options: list[str], *args: str) -> subprocess.CompletedProcess:
+    """The README's command line as written, the launcher's options after its own, the script's at the end.
+    The launcher is the module behind its console script, run by this interpreter (a venv without the
+    scripts would otherwise find another Python's `accelerate` on PATH)."""
+    words = shlex.split(readme_line)
+    cut = words.index("launch") + 1 if words[0] == "accelerate" else 1
+    launcher = {"accelerate": "accelerate.commands.accelerate_cli", "torchrun": "torch.distributed.run"}[words[0]]
+    return _run([sys.executable, "-m", launcher, *words[1:cut], *launcher_options, *words[cut:], *args])
 
 
 def _assert_same_weights(reference: Path, other: Path) -> None:
@@ -76,12 +85,9 @@ def reference(tmp_path_factory) -> Path:
 
 def test_ddp_two_processes_equal_one_process_on_the_concatenated_batch(reference, tmp_path):
     """DDP over gloo; each rank plans the teacher for its own GPU (LOCAL_RANK; the default card on a CPU)."""
-    launcher = shutil.which("accelerate")
-    cmd = [launcher] if launcher else [sys.executable, "-m", "accelerate.commands.accelerate_cli"]
-    proc = _run([*cmd, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-                 str(ROOT / "examples" / "train_wan_lora.py"), *TRAIN, "--batch-size", "1",
-                 "--plan-model", "wan", "--save-dir", str(tmp_path)])
+    proc = _launch(README_DDP, ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                                "--main_process_port", str(_free_port())],
+                   *TRAIN, "--batch-size", "1", "--save-dir", str(tmp_path))
     assert "2 process(es) on cpu" in proc.stdout
     for rank in (0, 1):
         assert f"[rank {rank}] planned wan for this rank's GPU" in proc.stdout
@@ -93,7 +99,7 @@ def test_fsdp_through_torch_on_cpu_shards_the_projector_and_matches(reference, t
     wraps the model (blocks + root; FSDP2 keeps the root unsharded from forward to backward): the projector
     is a DTensor shard per rank. FSDP1 with the projector as its own unit (FSDP1 reshards the root after
     forward). Both see full block outputs, and both give the update of 1 process on the whole batch."""
-    proc = _torchrun("train_wan_fsdp.py", "--fsdp", "2:root,1:own", *TRAIN, "--save-dir", str(tmp_path))
+    proc = _launch(README_FSDP, ["--master_port", str(_free_port())], *TRAIN, "--save-dir", str(tmp_path))
     assert "FSDP2 on cpu; projector held as DTensor shard (16, 32) of (32, 32) (unit: root)" in proc.stdout
     assert "FSDP1 on cpu; projector held as FullyShardedDataParallel" in proc.stdout
     assert proc.stdout.count("captured block output (1, 3, 25, 32) (full width 32)") == 4

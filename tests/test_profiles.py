@@ -200,10 +200,12 @@ def test_cards_people_train_on_resolve_from_their_nvml_names(nvml_name, card, gi
     assert g.name == card and g.memory_bytes / 2**30 == pytest.approx(gib, abs=0.01) and g.bf16_tflops > 0
 
 
-def test_kandinsky5_default_shape_is_5_seconds_at_24_fps():
+def test_kandinsky5_default_shape_is_5_seconds_at_24_fps_and_pro_is_hd():
     from crepa_mem.profiles import get_model
 
-    for name in ("kandinsky5-video-lite", "kandinsky5-video-pro"):
+    # diffusers' Kandinsky 5 video docs: Lite 512×768, the Pro ("hd" flavours) 768×1024, both 121 frames
+    for name, shape in (("kandinsky5-video-lite", (121, 512, 768)), ("kandinsky5-video-pro", (121, 768, 1024))):
         m = get_model(name)
-        assert (m.default_frames, m.default_height, m.default_width) == (121, 512, 768)
+        assert (m.default_frames, m.default_height, m.default_width) == shape
         m.check_shape(m.default_frames, m.default_height, m.default_width)  # the VAE and patch grid accept it
+    assert all(f.endswith("-hd") for f in get_model("kandinsky5-video-pro").simpletuner_flavours if f.startswith("t2v"))

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import test_multigpu
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -157,7 +158,15 @@ def _ok_codes(command: str) -> set[int]:
     return {0} | ({1} if "crepa-mem doctor" in command else set()) | ({3} if "crepa-mem plan" in command else set())
 
 
-SHELL = [(b, c) for b in BLOCKS if b.lang == "bash" and b.skip is None for c in shell_commands(b.code)]
+# README lines another test runs verbatim with more checks (each a multi-process launch, ~15 s): not twice
+RUN_ELSEWHERE = {test_multigpu.README_DDP: "tests/test_multigpu.py (DDP equals 1 process)",
+                 test_multigpu.README_FSDP: "tests/test_multigpu.py (FSDP1/2 equal 1 process)"}
+ALL_SHELL = [(b, c) for b in BLOCKS if b.lang == "bash" and b.skip is None for c in shell_commands(b.code)]
+SHELL = [(b, c) for b, c in ALL_SHELL if c not in RUN_ELSEWHERE]
+
+
+def test_lines_run_elsewhere_are_still_readme_lines():
+    assert set(RUN_ELSEWHERE) <= {c for _, c in ALL_SHELL}, "a README line tests/test_multigpu.py runs has changed"
 
 
 @pytest.mark.parametrize("block, command", SHELL, ids=[f"{b.id}:{c[:50]}" for b, c in SHELL])

@@ -175,11 +175,11 @@ def test_cli_bad_input_is_one_line_and_exit_2(extra, needle):
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in res.output
 
 
-@pytest.mark.parametrize("tile", [None, 64])
-def test_progress_total_counts_the_tiled_decoder_calls(tile):
+@pytest.mark.parametrize("tile, size", [(None, 320), (64, 128)])  # the default 256 px tile, a small one: both tile
+def test_progress_total_counts_the_tiled_decoder_calls(tile, size):
     from crepa_mem.trace.workloads import expected_steps
 
-    w = Workload(model="wan-2.1-1.3b", frames=5, height=320, width=320, encoder="dinov2_vits14", image_size=56)
+    w = Workload(model="wan-2.1-1.3b", frames=5, height=size, width=size, encoder="dinov2_vits14", image_size=56)
     settings = TeacherSettings(vae_tiling=True, vae_tile_size=tile, chunk=1)
     calls = []
     trace_baseline(w, progress=calls.append)
