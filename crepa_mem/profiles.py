@@ -48,6 +48,9 @@ class VaeProfile:
     tile_sample_min: int = 256
     """Spatial tile edge in pixels under `vae.enable_tiling()` (the class default)."""
     tile_sample_stride: int = 192
+    stream_block_params: int = 0
+    """Parameters of the decoder's largest group under diffusers' block-level group offloading (the `stream`
+    tier's prefetch slot); 0 = unknown (estimate.CALIBRATION's fraction of the decoder)."""
     aliases: tuple[str, ...] = ()
 
     @property

@@ -1,6 +1,6 @@
 """crepa_mem.planning.estimate against crepa_mem.trace.workloads on a fast subset of estimate.calibration_cases() (±10 %).
 
-The whole matrix (all cases) is benchmarks/calibration_matrix.py (25 cases, worst |error| 2.6 %).
+The whole matrix (all cases) is benchmarks/calibration_matrix.py (27 cases, worst |error| 3.5 %).
 """
 import pytest
 

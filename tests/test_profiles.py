@@ -101,6 +101,19 @@ def test_vae_parameter_counts_match_diffusers():
                                                                                         v.params_decoder)
 
 
+def test_vae_stream_block_params_are_the_largest_group_diffusers_offloads():
+    import torch
+
+    from crepa_mem.teacher.stream import StreamPlacement
+    from crepa_mem.trace.runtime import FAKE_GPU, fake_gpu, materialize
+    from crepa_mem.trace.workloads import build_vae
+
+    with fake_gpu():  # bf16: 2 bytes per parameter
+        groups = StreamPlacement(materialize(build_vae("hunyuanvideo"), "cpu", torch.bfloat16),
+                                 exec_device=FAKE_GPU).groups()
+    assert max(groups) == 2 * P.get_vae("hunyuanvideo").stream_block_params
+
+
 def test_simpletuner_family_and_flavour():
     assert P.model_from_simpletuner("wan", None).name == "wan-2.1-1.3b"
     assert P.model_from_simpletuner("wan", "t2v-480p-14b-2.1").name == "wan-2.1-14b"
