@@ -17,7 +17,7 @@ from crepa_mem.teacher.ladder import MemoryReading, TeacherRunner
 from crepa_mem.testing import tiny_dinov2, tiny_vae
 from crepa_mem.trace.runtime import FAKE_GPU, LiveBytes, fake_gpu, materialize
 from crepa_mem.trace.workloads import build_encoder, build_vae
-from crepa_mem.units import MiB
+from crepa_mem.units import GiB, MiB
 
 HOST = 1 << 40
 LATENTS = (1, 16, 3, 16, 16)          # Wan: 9 frames at 128×128
@@ -63,8 +63,8 @@ def test_the_runtime_choice_is_plans_choice_for_the_measured_budget(budget_mib):
                      compute_capability=None, pcie_gen=None, pcie_width=None, h2d_bytes_per_s=None)
     shape = decision["shape"]
     p = plan(decision["model"], gpu, frames=shape["frames"], height=shape["height"], width=shape["width"],
-             encoder="dinov2_vits14", headroom=AUTO_HEADROOM, teacher_gpus=[], host_ram_bytes=HOST, train_gib=0,
-             feature_cache=False, may_drop_vae_encoder=False)
+             encoder="dinov2_vits14", headroom=AUTO_HEADROOM, teacher_gpus=[], host_ram_bytes=HOST, feature_cache=False,
+             may_drop_vae_encoder=False, train_gib=(figures["total_bytes"] - figures["free_for_teacher_bytes"]) / GiB)
     assert p.fits and p.quality_level == 0
     assert {k: p.settings[k] for k in decision["settings"]} == decision["settings"]
     assert stats["ladder_steps"] == 0 and stats["rung"].startswith(

@@ -97,17 +97,28 @@ def ladder(model: ModelProfile, encoder: EncoderProfile, cfg: CrepaConfig, *, gp
         for step in pl._steps(level, total_frames, [])[:-1]:  # the last step is the feature cache: never at run time
             step = [replace(c, tiling=c.tiling or cfg.vae_tiling, drop_vae_encoder=cfg.drop_vae_encoder, **fixed)
                     for c in step if cfg.drop_vae_encoder or not c.drop_vae_encoder]
-            for c in planner_choice.variants(ctx, step, evaluate):
-                if "encoder_tier" in fixed and c.encoder_tier == "stream" and c.stream_engine != cfg.stream_engine:
+            for variant in planner_choice.variants(ctx, step, evaluate):
+                if "encoder_tier" in fixed and variant.encoder_tier == "stream" \
+                        and variant.stream_engine != cfg.stream_engine:
                     continue  # a configured stream keeps its configured engine
-                e, fits, cost = evaluate(c)
-                rung = Rung(pl._settings(model, c, cfg), e.peak_bytes, sum(cost.values()), rank, lossy)
-                if not fits or rung.key in seen:  # not fitting an unbounded budget: host RAM too small
-                    continue
-                seen.add(rung.key)
-                found.append(rung)
+                for c in (variant, *_loss_twins(ctx, variant, evaluate)):
+                    e, fits, cost = evaluate(c)
+                    rung = Rung(pl._settings(model, c, cfg), e.peak_bytes, sum(cost.values()), rank, lossy)
+                    if not fits or rung.key in seen:  # not fitting an unbounded budget: host RAM too small
+                        continue
+                    seen.add(rung.key)
+                    found.append(rung)
         rungs.extend(sorted(found, key=lambda r: (r.overhead_s, r.peak_bytes)))  # stable: plan()'s tie order
     return rungs
+
+
+def _loss_twins(ctx, c, evaluate) -> list:
+    """Every loss-chunked twin plan() could pick for `c` (it takes the largest chunk that fits its budget;
+    the ladder has no budget yet, so it lists them all, and the fewest chunks cost the least time)."""
+    frames = ctx.model.latent_frames(ctx.frames)
+    if c.loss_chunk > 0 or frames < 2 or evaluate(c)[0].peak_phase != "loss":
+        return []
+    return [replace(c, loss_chunk=k) for k in planner_choice.LOSS_CHUNKS if k < frames]
 
 
 def choose(rungs: list[Rung], budget: int) -> Rung | None:
@@ -140,7 +151,8 @@ def apply(rung: Rung, cfg: CrepaConfig) -> CrepaConfig:
                        teacher_device=s["crepa_mem_teacher_device"] or cfg.teacher_device,
                        stream_engine=s["crepa_mem_stream_engine"], stream_resident_chunks=s["crepa_mem_stream_resident_chunks"],
                        stream_nvme_path=s["crepa_mem_stream_nvme_path"] or cfg.stream_nvme_path,
-                       host_share_path=s["crepa_mem_host_share_path"] or cfg.host_share_path)
+                       host_share_path=s["crepa_mem_host_share_path"] or cfg.host_share_path,
+                       loss_chunk=s["crepa_mem_loss_chunk"])
 
 
 def rung_of(rungs: list[Rung], cfg: CrepaConfig) -> Rung | None:
