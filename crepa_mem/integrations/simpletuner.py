@@ -265,7 +265,7 @@ class CrepaRegularizer:
     def _ensure_vae(self, vae: nn.Module | None) -> None:
         """SimpleTuner hands the VAE to every call (or offers it through model_foundation.get_vae());
         it is placed on its tier the first time, and again only if a different VAE arrives."""
-        from crepa_mem.teacher.ladder import TeacherRunner
+        from crepa_mem.teacher.ladder import TeacherRunner, changes_the_vae
         from crepa_mem.teacher.path import TeacherPath
 
         teacher = self._regularizer.teacher
@@ -291,7 +291,7 @@ class CrepaRegularizer:
         if isinstance(teacher, TeacherRunner):  # placed on its tier (decided at the first step for `auto`)
             teacher.set_vae(vae, shared=True)  # a rung that moves it works on a host copy (see set_vae)
             return
-        own = vae if (cfg.vae_tier == "gpu" and not cfg.vae_tiling and not cfg.drop_vae_encoder) else host_copy(vae)
+        own = host_copy(vae) if changes_the_vae(cfg) else vae
         teacher.vae = place(prepare_vae(own, cfg), cfg.vae_tier, compute_device=self.device,
                             teacher_device=cfg.teacher_device)
 

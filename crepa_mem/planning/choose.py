@@ -79,20 +79,21 @@ def _fewest_resident(ctx: Any, c: Any, evaluate: Evaluate) -> Any:
 LOSS_CHUNKS = (8, 4, 2, 1)  # DiT frames per loss chunk, largest (fewest recomputed chunks) first
 
 
-def loss_twin(ctx: Any, c: Any, evaluate: Evaluate) -> Any | None:
-    """`c` with its loss phase in chunks (crepa_mem_loss_chunk: lossless, loss and gradient within 1e-6, at the
-    cost of a recomputed forward), when the whole loss phase does not fit or sets the candidate's peak: the
-    largest chunk that fits, else 1. None where chunking cannot help."""
-    e, fits, _ = evaluate(c)
+def loss_twins(ctx: Any, c: Any, evaluate: Evaluate) -> list[Any]:
+    """`c` with its loss phase in each chunk size of LOSS_CHUNKS (crepa_mem_loss_chunk: lossless, loss and
+    gradient within 1e-6, at the cost of a recomputed forward), largest first, when the whole loss phase
+    sets the candidate's peak; [] where chunking cannot help."""
     frames = ctx.model.latent_frames(ctx.frames)
-    if c.loss_chunk > 0 or e.peak_phase != "loss" or frames < 2:
-        return None
-    chunks = [k for k in LOSS_CHUNKS if k < frames]
-    for k in chunks:
-        twin = replace(c, loss_chunk=k)
-        if evaluate(twin)[1]:
-            return twin
-    return replace(c, loss_chunk=chunks[-1])
+    if c.loss_chunk > 0 or frames < 2 or evaluate(c)[0].peak_phase != "loss":
+        return []
+    return [replace(c, loss_chunk=k) for k in LOSS_CHUNKS if k < frames]
+
+
+def loss_twin(ctx: Any, c: Any, evaluate: Evaluate) -> Any | None:
+    """The twin plan() weighs: the largest loss chunk that fits, else the smallest; None where chunking
+    cannot help."""
+    twins = loss_twins(ctx, c, evaluate)
+    return next((t for t in twins if evaluate(t)[1]), twins[-1] if twins else None)
 
 
 def variants(ctx: Any, step: Iterable[Any], evaluate: Evaluate) -> Iterator[Any]:

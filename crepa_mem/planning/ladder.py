@@ -101,7 +101,8 @@ def ladder(model: ModelProfile, encoder: EncoderProfile, cfg: CrepaConfig, *, gp
                 if "encoder_tier" in fixed and variant.encoder_tier == "stream" \
                         and variant.stream_engine != cfg.stream_engine:
                     continue  # a configured stream keeps its configured engine
-                for c in (variant, *_loss_twins(ctx, variant, evaluate)):
+                # plan() takes the largest loss chunk that fits its budget; with no budget yet, every one is a rung
+                for c in (variant, *planner_choice.loss_twins(ctx, variant, evaluate)):
                     e, fits, cost = evaluate(c)
                     rung = Rung(pl._settings(model, c, cfg), e.peak_bytes, sum(cost.values()), rank, lossy)
                     if not fits or rung.key in seen:  # not fitting an unbounded budget: host RAM too small
@@ -110,15 +111,6 @@ def ladder(model: ModelProfile, encoder: EncoderProfile, cfg: CrepaConfig, *, gp
                     found.append(rung)
         rungs.extend(sorted(found, key=lambda r: (r.overhead_s, r.peak_bytes)))  # stable: plan()'s tie order
     return rungs
-
-
-def _loss_twins(ctx, c, evaluate) -> list:
-    """Every loss-chunked twin plan() could pick for `c` (it takes the largest chunk that fits its budget;
-    the ladder has no budget yet, so it lists them all, and the fewest chunks cost the least time)."""
-    frames = ctx.model.latent_frames(ctx.frames)
-    if c.loss_chunk > 0 or frames < 2 or evaluate(c)[0].peak_phase != "loss":
-        return []
-    return [replace(c, loss_chunk=k) for k in planner_choice.LOSS_CHUNKS if k < frames]
 
 
 def choose(rungs: list[Rung], budget: int) -> Rung | None:

@@ -112,6 +112,11 @@ def release(placement: Placement | None) -> None:
     move_module(placement.module, "cpu")
 
 
+def changes_the_vae(cfg: CrepaConfig) -> bool:
+    """Whether placing the VAE on cfg's tier moves its weights, tiles it or drops its encoder."""
+    return cfg.vae_tier != "gpu" or cfg.vae_tiling or cfg.drop_vae_encoder
+
+
 def place_vae(vae: nn.Module, cfg: CrepaConfig, device: torch.device) -> Placement:
     if not cfg.vae_tiling and getattr(vae, "use_tiling", False) and hasattr(vae, "disable_tiling"):
         vae.disable_tiling()  # a rung without tiling after one with it (a lossy level restarts the knobs)
@@ -205,7 +210,7 @@ class TeacherRunner:
             self.path.vae = place_vae(self._vae_for(self.config), self.config, self.compute_device)
 
     def _vae_for(self, cfg: CrepaConfig) -> nn.Module | None:
-        if not self._vae_shared or (cfg.vae_tier == "gpu" and not cfg.vae_tiling and not cfg.drop_vae_encoder):
+        if not self._vae_shared or not changes_the_vae(cfg):
             return self.vae_module
         if self._vae_copy is None:
             self._vae_copy = host_copy(self.vae_module)
