@@ -184,9 +184,19 @@ def build(
         fail(f"interrupted: the entries written so far are kept in {out}; rerun the same command to resume",
              EXIT_INTERRUPTED)
     summaries = gather(report)
+    _leave_process_group()
     if rank != 0:
         return
     _finish(summaries, out, latents, dev, world, json_out)
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group before exit: gloo's threads torn down at interpreter exit abort a
+    rank now and then ("terminate called without an active exception", exit -6)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _model_from_config(path: Path) -> str | None:
