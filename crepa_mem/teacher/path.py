@@ -12,9 +12,10 @@ Memory effect, in order of size on the reference workload (Wan 14B, 81 frames at
 - Frames are encoded `frames_per_chunk` images at a time; a chunk's resized pixels and encoder
   activations are freed before the next chunk is made.
 - Wan's VAE decodes one latent frame at a time with a causal cache (its activation peak does not grow
-  with T). Its stock `decode` then concatenates every frame's pixels (81×3×480×832, twice at the last
-  `torch.cat`). We run the same per-latent-frame loop ourselves, carrying the same cache, and keep only
-  the selected frames as they come: identical pixels, while the full clip is never alive at once.
+  with T). Its stock `decode` then concatenates every frame's pixels (and, tiled, every tile's whole
+  clip before blending). We run the same loop over its stock blocks, carrying the same cache, keep
+  only the selected frames as they come and blend finished tiles into one output (wan_decode.py):
+  identical pixels, while the full clip is never alive at once.
   Other VAEs (LTX, HunyuanVideo) decode in one call (their own tiling/slicing bounds them).
 
 Threads: `TeacherPath.features` holds a lock per VAE and per encoder module for the whole call, so
@@ -88,42 +89,26 @@ def denormalize_latents(latents_BCThw: Tensor, vae: nn.Module) -> Tensor:
     return z + shift if shift is not None else z
 
 
-def _streams_wan(vae: nn.Module, height: int, width: int) -> bool:
-    if type(vae).__name__ != "AutoencoderKLWan":
-        return False
-    tile_h = vae.tile_sample_min_height // vae.spatial_compression_ratio
-    tile_w = vae.tile_sample_min_width // vae.spatial_compression_ratio
-    return not (vae.use_tiling and (width > tile_w or height > tile_h))
+def decode_selected(vae: nn.Module, z_BCThw: Tensor, keep: list[int]) -> tuple[Tensor, int]:
+    """Clamped pixels (B, 3, K, H, W) of the kept frames (in order) in the VAE's dtype, and the number of
+    frames the VAE decoded. `z` is already denormalised and in the VAE's dtype, on its execution device.
 
+    Wan decodes frame by frame in our own loop over its stock blocks, keeping only these frames
+    (teacher/wan_decode.py); LTX and HunyuanVideo decode in one stock call (their own tiling/slicing
+    bounds them) and the frames are selected after it."""
+    if type(vae).__name__ == "AutoencoderKLWan":
+        from crepa_mem.teacher.wan_decode import decode_kept_frames
 
-def iter_decoded_frames(vae: nn.Module, z_BCThw: Tensor) -> Iterator[Tensor]:
-    """Yields clamped pixels (B, 3, f, H, W) in the VAE's dtype, a few frames at a time, in order.
-
-    `z` is already denormalised and in the VAE's dtype, on the VAE's execution device.
-    """
-    if _streams_wan(vae, z_BCThw.shape[-2], z_BCThw.shape[-1]):
-        # Same loop as AutoencoderKLWan._decode, minus the growing torch.cat (diffusers 0.42).
-        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
-
-        vae.clear_cache()
-        try:
-            x = vae.post_quant_conv(z_BCThw)
-            for i in range(x.shape[2]):
-                vae._conv_idx = [0]
-                kwargs = {"first_chunk": True} if i == 0 else {}
-                out = vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, **kwargs)
-                if vae.config.patch_size is not None:
-                    out = unpatchify(out, patch_size=vae.config.patch_size)
-                yield out.clamp(-1.0, 1.0)
-        finally:
-            vae.clear_cache()
-        return
+        return decode_kept_frames(vae, z_BCThw, keep)
     if type(vae).__name__ == "AutoencoderKLLTXVideo" and getattr(vae.config, "timestep_conditioning", False):
         # Clean latents: decode timestep 0.
         temb = torch.zeros(z_BCThw.shape[0], device=z_BCThw.device, dtype=z_BCThw.dtype)
-        yield vae.decode(z_BCThw, temb).sample.clamp(-1.0, 1.0)
-        return
-    yield vae.decode(z_BCThw).sample.clamp(-1.0, 1.0)
+        pixels = vae.decode(z_BCThw, temb).sample
+    else:
+        pixels = vae.decode(z_BCThw).sample
+    frames = pixels.shape[2]
+    wanted = [f for f in sorted(set(keep)) if f < frames]
+    return pixels[:, :, wanted].clamp_(-1.0, 1.0), frames
 
 
 # ------------------------------------------------------------------ encoder side
@@ -326,17 +311,9 @@ class TeacherPath:
         # The VAE (and Wan's causal cache) is released before the encoder is brought in, so the two
         # never need device memory at once: a swap tier holds one of them at a time.
         z = denormalize_latents(latents_BCThw.to(self.vae.exec_device), vae_mod).to(module_dtype(vae_mod))
-        start = 0
         try:
             with self.vae.active() as vae:
-                for pixels in iter_decoded_frames(vae, z):
-                    for j in range(pixels.shape[2]):
-                        slot = slot_of.get(start + j)
-                        if slot is not None:
-                            for b in range(batch):
-                                pending.append((b, slot, pixels[b, :, j].clone()))
-                    start += pixels.shape[2]
-                    del pixels
+                pixels, decoded = decode_selected(vae, z, keep)
         except Exception as err:  # noqa: BLE001 - only OOM gets the phase and what to try
             if not _is_oom(err):
                 raise
@@ -346,9 +323,13 @@ class TeacherPath:
                 f"{latents_BCThw.shape[2]} latent frames); try crepa_mem_vae_tiling, a lower crepa_mem_vae_tier "
                 f"(swap, stream), or a feature cache; `crepa-mem plan` finds one that fits") from err
         del z
-        if start != num_pixel:  # slots of frames that never came would stay uninitialised
-            raise ShapeError(f"{type(vae_mod).__name__} decoded {start} frames from {latents_BCThw.shape[2]} latent "
+        if decoded != num_pixel:  # slots of frames that never came would stay uninitialised
+            raise ShapeError(f"{type(vae_mod).__name__} decoded {decoded} frames from {latents_BCThw.shape[2]} latent "
                              f"frames; expected {num_pixel} (1 + temporal compression × (T − 1))")
+        for k, frame in enumerate(sorted(slot_of)):  # views of one tensor, all of it kept
+            for b in range(batch):
+                pending.append((b, slot_of[frame], pixels[b, :, k]))
+        del pixels
         # Phase 2, encode `chunk` frames at a time: a chunk's resized images and activations are freed
         # before the next chunk's are made.
         with self.encoder.active() as encoder:
