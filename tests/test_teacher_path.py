@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from crepa_mem.errors import TeacherOutOfMemoryError
-from crepa_mem.teacher.path import (TeacherPath, denormalize_latents, iter_decoded_frames, pixel_frames,
+from crepa_mem.teacher.path import (TeacherPath, decode_selected, denormalize_latents, pixel_frames,
                                vae_compression)
 from crepa_mem.testing import tiny_dinov2, tiny_vae
 from crepa_mem.teacher.tiers import place
@@ -23,23 +23,18 @@ def _path(vae, encoder, size=28, chunk=None, **kw):
 
 
 @pytest.mark.parametrize("family", ["wan", "wan2.2", "ltxvideo", "kandinsky5_video"])
-def test_streamed_decode_equals_stock_decode(family):
+def test_selected_decode_equals_stock_decode_then_select(family):
     vae = tiny_vae(family)
     h, w = LATENT_HW[family]
     ch = int(vae.config.get("z_dim") or vae.config["latent_channels"])
     z = denormalize_latents(torch.randn(1, ch, 3, h, w), vae)
+    frames = pixel_frames(vae, 3)
+    keep = [0, frames // 2, frames - 1]
     with torch.no_grad():
         ref = vae.decode(z).sample.clamp(-1, 1)
-        mine = torch.cat(list(iter_decoded_frames(vae, z)), dim=2)
-    assert mine.shape[2] == pixel_frames(vae, 3) == 1 + vae_compression(vae)[0] * 2
-    torch.testing.assert_close(mine, ref, rtol=0, atol=0)
-
-
-def test_wan_decode_streams_one_latent_frame_at_a_time():
-    vae = tiny_vae("wan")
-    with torch.no_grad():
-        sizes = [x.shape[2] for x in iter_decoded_frames(vae, torch.randn(1, 16, 4, 4, 4))]
-    assert sizes == [1, 4, 4, 4]
+        mine, decoded = decode_selected(vae, z, keep)
+    assert decoded == ref.shape[2] == frames == 1 + vae_compression(vae)[0] * 2
+    torch.testing.assert_close(mine, ref[:, :, keep], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("family", ["wan", "wan2.2", "ltxvideo", "kandinsky5_video"])
@@ -137,16 +132,16 @@ def test_denormalize_per_family():
 def test_ltx_timestep_conditioned_decoder_runs_with_a_zero_timestep():
     vae = tiny_vae("ltxvideo", timestep_conditioning=True)
     with torch.no_grad():
-        frames = list(iter_decoded_frames(vae, torch.randn(1, 128, 2, 1, 1)))
-    assert frames[0].shape[2] == pixel_frames(vae, 2)
+        frames, decoded = decode_selected(vae, torch.randn(1, 128, 2, 1, 1), [0, 1])
+    assert decoded == pixel_frames(vae, 2) and frames.shape[2] == 2
 
 
 def test_a_vae_that_yields_too_few_frames_is_an_error_not_garbage(monkeypatch):
     import crepa_mem.teacher.path as teacher
     from crepa_mem.errors import ShapeError
 
-    real = teacher.iter_decoded_frames
-    monkeypatch.setattr(teacher, "iter_decoded_frames", lambda vae, z: iter([next(real(vae, z))]))
+    real = teacher.decode_selected
+    monkeypatch.setattr(teacher, "decode_selected", lambda vae, z, keep, **kw: (real(vae, z, keep, **kw)[0], 1))
     with pytest.raises(ShapeError, match="decoded 1 frames from 3 latent frames; expected 9"):
         _path(tiny_vae("wan"), tiny_dinov2()).features(torch.randn(1, 16, 3, 4, 4), 3)
 

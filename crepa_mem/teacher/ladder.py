@@ -144,7 +144,8 @@ def build_path(encoder: nn.Module, vae: nn.Module | None, cfg: CrepaConfig, devi
             move_module(vae, "cpu")
         raise
     return TeacherPath(vae=vae_place, encoder=enc_place, image_size=cfg.encoder_image_size, compute_device=device,
-                       frames_per_chunk=cfg.frames_per_chunk, true_grid=cfg.true_grid, on_chunk=on_chunk)
+                       frames_per_chunk=cfg.frames_per_chunk, true_grid=cfg.true_grid, on_chunk=on_chunk,
+                       stage_features=cfg.loss_chunk > 0)
 
 
 # ------------------------------------------------------------------ running

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from crepa_mem.errors import ShapeError, TeacherOutOfMemoryError
 from crepa_mem.loss import temporal_indices
-from crepa_mem.teacher.placement import Placement
+from crepa_mem.teacher.placement import Placement, pinning_available
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -89,17 +89,19 @@ def denormalize_latents(latents_BCThw: Tensor, vae: nn.Module) -> Tensor:
     return z + shift if shift is not None else z
 
 
-def decode_selected(vae: nn.Module, z_BCThw: Tensor, keep: list[int]) -> tuple[Tensor, int]:
+def decode_selected(vae: nn.Module, z_BCThw: Tensor, keep: list[int], *,
+                    cache_host: str | None = None) -> tuple[Tensor, int]:
     """Clamped pixels (B, 3, K, H, W) of the kept frames (in order) in the VAE's dtype, and the number of
     frames the VAE decoded. `z` is already denormalised and in the VAE's dtype, on its execution device.
 
     Wan decodes frame by frame in our own loop over its stock blocks, keeping only these frames
     (teacher/wan_decode.py); LTX and HunyuanVideo decode in one stock call (their own tiling/slicing
-    bounds them) and the frames are selected after it."""
+    bounds them) and the frames are selected after it. `cache_host`: where Wan's causal cache waits
+    between decoder calls (the `stream` tier keeps it on the host with the weights)."""
     if type(vae).__name__ == "AutoencoderKLWan":
         from crepa_mem.teacher.wan_decode import decode_kept_frames
 
-        return decode_kept_frames(vae, z_BCThw, keep)
+        return decode_kept_frames(vae, z_BCThw, keep, cache_host=cache_host)
     if type(vae).__name__ == "AutoencoderKLLTXVideo" and getattr(vae.config, "timestep_conditioning", False):
         # Clean latents: decode timestep 0.
         temb = torch.zeros(z_BCThw.shape[0], device=z_BCThw.device, dtype=z_BCThw.dtype)
@@ -210,7 +212,8 @@ class TeacherPath:
 
     def __init__(self, *, vae: Placement | None, encoder: Placement, image_size: int | tuple[int, int],
                  compute_device: torch.device | str, frames_per_chunk: int | None = None,
-                 true_grid: bool = False, on_chunk: Callable[[int], None] | None = None):
+                 true_grid: bool = False, on_chunk: Callable[[int], None] | None = None,
+                 stage_features: bool = False):
         self.vae, self.encoder = vae, encoder
         self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         self.compute_device = torch.device(compute_device)
@@ -218,6 +221,9 @@ class TeacherPath:
         self.true_grid = true_grid
         self.on_chunk = on_chunk  # test seam: called before each encoder chunk with its image count
         self.working_chunk: int | None = None  # the chunk an OOM back-off settled on, kept for later steps
+        # The chunked loss (crepa_mem_loss_chunk) copies each chunk's frames to the device itself: the
+        # features can wait on the host (pinned on CUDA), written there as each encoder call finishes.
+        self.stage_features = stage_features and self.compute_device.type != "cpu"
 
     def input_size(self, dit_grid: tuple[int, int] | None) -> tuple[int, int]:
         """Encoder input size: (S, S), or (h'·patch, w'·patch) in true-grid mode."""
@@ -256,8 +262,9 @@ class TeacherPath:
             """One encoder call's tokens into their (video, kept-frame) slots of the output."""
             nonlocal out
             if out is None:
-                out = torch.empty(batch, len(keep), tokens.shape[1], tokens.shape[2],
-                                  dtype=tokens.dtype, device=self.compute_device)
+                shape = (batch, len(keep), tokens.shape[1], tokens.shape[2])
+                out = (torch.empty(shape, dtype=tokens.dtype, device="cpu", pin_memory=pinning_available())
+                       if self.stage_features else torch.empty(shape, dtype=tokens.dtype, device=self.compute_device))
             for (b, slot, _), tok in zip(group, tokens):
                 out[b, slot] = tok
             stats["encoder_calls"] += 1
@@ -304,7 +311,7 @@ class TeacherPath:
                     stats["chunk_frames"] = chunk
             skip = leading_tokens(self.encoder.module)
             for group, h in zip(groups, states):
-                place_tokens(group, h[:, skip:].to(self.compute_device))
+                place_tokens(group, h[:, skip:])
             pending.clear()
 
         # Phase 1, decode: only the selected frames' pixels are kept, the rest is freed as it comes.
@@ -313,7 +320,8 @@ class TeacherPath:
         z = denormalize_latents(latents_BCThw.to(self.vae.exec_device), vae_mod).to(module_dtype(vae_mod))
         try:
             with self.vae.active() as vae:
-                pixels, decoded = decode_selected(vae, z, keep)
+                pixels, decoded = decode_selected(vae, z, keep,
+                                                  cache_host="cpu" if self.vae.tier == "stream" else None)
         except Exception as err:  # noqa: BLE001 - only OOM gets the phase and what to try
             if not _is_oom(err):
                 raise
@@ -337,7 +345,7 @@ class TeacherPath:
         assert out is not None
         p = encoder_patch_size(self.encoder.module)
         grid = (size[0] // p, size[1] // p)
-        return TeacherFeatures(out, grid, keep, num_pixel, stats)
+        return TeacherFeatures(out, grid, keep, num_pixel, stats, staged=self.stage_features)
 
     def _images(self, frames: list[Tensor], size: tuple[int, int], enc_dtype: torch.dtype) -> Tensor:
         """One chunk's encoder input on the encoder's device."""
@@ -347,4 +355,4 @@ class TeacherPath:
 
     def _encode(self, encoder: nn.Module, frames: list[Tensor], size: tuple[int, int],
                 enc_dtype: torch.dtype) -> Tensor:
-        return encode_tokens(encoder, self._images(frames, size, enc_dtype)).to(self.compute_device)
+        return encode_tokens(encoder, self._images(frames, size, enc_dtype))  # placed into the output by the caller

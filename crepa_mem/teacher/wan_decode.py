@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from crepa_mem.teacher.placement import pinning_available
+
 NORM_SLICE_BYTES = 16 << 20  # fp32 bytes of one slice of the sliced RMS norm
 
 
@@ -100,24 +102,49 @@ def lean_leaves(decoder: nn.Module) -> Iterator[None]:
             del m.forward
 
 
+# ------------------------------------------------------------------ the causal cache on the host
+class HostCache(list):
+    """Wan's causal cache (`feat_cache`), each entry kept on the host between decoder calls.
+
+    The stock blocks store an entry with `feat_cache[i] = x` and read it back only through
+    `WanCausalConv3d` (`cache_x.to(x.device)`) or a slice `.to(x.device)`, so entries can live anywhere:
+    one entry is on the device while its conv runs. Copies are synchronous: a slice of an entry is read
+    by the host, which must not see a copy still in flight."""
+
+    def __init__(self, size: int, host: torch.device):
+        super().__init__([None] * size)
+        self.host = host
+
+    def __setitem__(self, index, value):
+        if isinstance(value, Tensor) and value.device != self.host:
+            if value.is_cuda and self.host.type == "cpu" and pinning_available():  # pinned: faster copies back
+                value = torch.empty(value.shape, dtype=value.dtype, pin_memory=True).copy_(value)
+            else:
+                value = value.to(self.host)
+        super().__setitem__(index, value)
+
+
 # ------------------------------------------------------------------ the frame loop
 def _frames_of_chunk(start: int, n: int, keep: Sequence[int]) -> list[int]:
     return [f - start for f in keep if start <= f < start + n]
 
 
-def _decode_clip(vae: nn.Module, z_tile: Tensor, keep: Sequence[int], *, per_frame_quant: bool) -> tuple[Tensor, int]:
+def _decode_clip(vae: nn.Module, z_tile: Tensor, keep: Sequence[int], *, per_frame_quant: bool,
+                 cache_host: torch.device | None) -> tuple[Tensor, int]:
     """The kept frames of one (tile of a) clip, patchified, unclamped; and the frames decoded.
 
     `per_frame_quant`: the tiled path applies post_quant_conv per latent frame of a tile, the untiled
-    one to the whole latent first (mirrored, so each path equals its stock twin)."""
+    one to the whole latent first (mirrored, so each path equals its stock twin). `cache_host`: the
+    causal cache lives there between calls (HostCache) instead of on the device."""
     vae.clear_cache()
+    cache = vae._feat_map if cache_host is None else HostCache(len(vae._feat_map), cache_host)
     kept, start = [], 0
     x = None if per_frame_quant else vae.post_quant_conv(z_tile)
     try:
         for k in range(z_tile.shape[2]):
             vae._conv_idx = [0]
             frame = vae.post_quant_conv(z_tile[:, :, k:k + 1]) if per_frame_quant else x[:, :, k:k + 1]
-            out = vae.decoder(frame, feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=(k == 0))
+            out = vae.decoder(frame, feat_cache=cache, feat_idx=vae._conv_idx, first_chunk=(k == 0))
             sel = _frames_of_chunk(start, out.shape[2], keep)
             if sel:
                 kept.append(out[:, :, sel])
@@ -125,10 +152,11 @@ def _decode_clip(vae: nn.Module, z_tile: Tensor, keep: Sequence[int], *, per_fra
             del out, frame
     finally:
         vae.clear_cache()
+        cache.clear()
     return torch.cat(kept, dim=2), start
 
 
-def _tiled(vae: nn.Module, z: Tensor, keep: Sequence[int]) -> tuple[Tensor, int]:
+def _tiled(vae: nn.Module, z: Tensor, keep: Sequence[int], cache_host: torch.device | None) -> tuple[Tensor, int]:
     """AutoencoderKLWan.tiled_decode's loop, blending each finished tile into the output at once."""
     _, _, _, height, width = z.shape
     s = vae.spatial_compression_ratio
@@ -149,7 +177,8 @@ def _tiled(vae: nn.Module, z: Tensor, keep: Sequence[int]) -> tuple[Tensor, int]
         below: dict[int, Tensor] = {}
         left = None
         for c, j in enumerate(range(0, width, lat_sw)):
-            tile, decoded = _decode_clip(vae, z[:, :, :, i:i + lat_h, j:j + lat_w], keep, per_frame_quant=True)
+            tile, decoded = _decode_clip(vae, z[:, :, :, i:i + lat_h, j:j + lat_w], keep, per_frame_quant=True,
+                                         cache_host=cache_host)
             if r > 0:
                 tile = vae.blend_v(above[c], tile, blend_h)
             if c > 0:
@@ -174,18 +203,22 @@ def tiles_decode(vae: nn.Module, height: int, width: int) -> bool:
 
 
 @torch.no_grad()
-def decode_kept_frames(vae: nn.Module, z_BCThw: Tensor, keep: Sequence[int]) -> tuple[Tensor, int]:
+def decode_kept_frames(vae: nn.Module, z_BCThw: Tensor, keep: Sequence[int], *,
+                       cache_host: torch.device | str | None = None) -> tuple[Tensor, int]:
     """`vae.decode(z).sample.clamp(-1, 1)[:, :, sorted(keep)]` of an AutoencoderKLWan, and the frame count
-    it decodes; `z` is denormalised, in the VAE's dtype, on its execution device."""
+    it decodes; `z` is denormalised, in the VAE's dtype, on its execution device. `cache_host` keeps the
+    causal cache there between decoder calls (the `stream` tier: the host)."""
     from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 
     keep = sorted(set(keep))
+    cache_host = None if cache_host is None or torch.device(cache_host) == z_BCThw.device else torch.device(cache_host)
     tiled = tiles_decode(vae, z_BCThw.shape[-2], z_BCThw.shape[-1])
     parts = z_BCThw.split(1) if vae.use_slicing and z_BCThw.shape[0] > 1 else (z_BCThw,)
     result, decoded = None, 0
     with lean_leaves(vae.decoder):
         for b0, z in zip(range(0, z_BCThw.shape[0], len(parts[0])), parts):
-            x, decoded = _tiled(vae, z, keep) if tiled else _decode_clip(vae, z, keep, per_frame_quant=False)
+            x, decoded = (_tiled(vae, z, keep, cache_host) if tiled else
+                          _decode_clip(vae, z, keep, per_frame_quant=False, cache_host=cache_host))
             if vae.config.patch_size is not None:
                 x = unpatchify(x, patch_size=vae.config.patch_size)
             x = x.clamp_(-1.0, 1.0)

@@ -278,6 +278,7 @@ def _trace(workload: Workload, settings: TeacherSettings, progress: Progress | N
             phase_around(enc_p, tracker, "encode")
             path = TeacherPath(vae=vae_p, encoder=enc_p, image_size=workload.image_size,
                                compute_device=FAKE_GPU, frames_per_chunk=settings.chunk,
+                               stage_features=bool(settings.loss_chunk),
                                on_chunk=(lambda n: progress("encode")) if progress else None)
             run = path.features
         try:
