@@ -28,6 +28,9 @@ def test_phase_rules_on_frames():
 @pytest.mark.parametrize("frames, phase", [
     ([("/st/helpers/training/crepa.py", "_decode_latents", "decoded = vae.decode(latents).sample")], "vae_decode"),
     ([("/venv/crepa_mem/teacher.py", "iter_decoded_frames", "")], "vae_decode"),
+    ([("/venv/crepa_mem/teacher/wan_decode.py", "decode_kept_frames", "x, decoded = _tiled(vae, z, keep)"),
+      ("/venv/crepa_mem/teacher/wan_decode.py", "_causal_conv_one_buffer", "return nn.Conv3d.forward(self, buf)")],
+     "vae_decode"),
     ([("/st/helpers/training/crepa.py", "_forward_encoder", "output = self.encoder(images)")], "encoder"),
     ([("/venv/crepa_mem/teacher.py", "encode_tokens", "out = encoder(pixel_values=images)")], "encoder"),
     ([("/root/.cache/torch/hub/facebookresearch_dinov2_main/dinov2/layers/block.py", "forward", "")], "encoder"),

@@ -13,10 +13,11 @@ from typing import Iterable
 
 Frame = tuple  # (file, func, source line)
 
-_VAE_FUNCS = {"_decode_latents", "iter_decoded_frames", "tiled_decode", "_temporal_tiled_decode", "decode", "_decode"}
+_VAE_FUNCS = {"_decode_latents", "iter_decoded_frames", "decode_selected", "decode_kept_frames", "_decode_clip",
+              "tiled_decode", "_temporal_tiled_decode", "decode", "_decode"}
 _VAE_DECODE_ANYWHERE = {"vae_decode", "decode_latents", "_decode_latents", "decode_first_stage", "tiled_decode",
                         "spatial_tiled_decode", "temporal_tiled_decode", "decode_tiled", "decode_tiled_",
-                        "decode_tiled_3d", "decode_tiled_1d", "iter_decoded_frames"}
+                        "decode_tiled_3d", "decode_tiled_1d", "iter_decoded_frames", "decode_kept_frames"}
 _ENC_FUNCS = {"_encode_frames", "_forward_encoder", "_load_encoder", "forward_features", "encode_tokens",
               "prepare_images"}
 _PROJ_FUNCS = {"_project_hidden_states", "project", "compute_loss", "frame_similarity", "align_tokens",
@@ -38,7 +39,7 @@ _DIT_CLASSES = re.compile(r"\b(?:WanModel|WanAttentionBlock|WanSelfAttention|HYV
                           r"|BasicTransformerBlock)\b")
 _ENC_CLASSES = re.compile(r"\b(?:Dinov2Model|Dinov2WithRegistersModel|DinoVisionTransformer)\b")
 
-_VAE_FILE = re.compile(r"(?:^|_)vae(?:\d|_|\.py$)|autoencoder|taesd")
+_VAE_FILE = re.compile(r"(?:^|_)vae(?:\d|_|\.py$)|autoencoder|taesd|^wan_decode\.py$")  # wan_decode: crepa-mem's
 _VAE_DIR = re.compile(r"/(?:autoencoders?|vae|taesd)/")
 _FAMILY_DIR = re.compile(r"/(?:wan/modules|wan/models|hyvideo/modules|hunyuan_model|hunyuan_video|ltx_video/models"
                          r"|comfy/ldm/(?!modules/)\w+)/")

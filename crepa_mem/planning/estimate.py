@@ -39,6 +39,9 @@ CALIBRATION = {
     # Of which Wan's causal-conv cache, alive between latent frames (trace at 480×832 / 704×1280).
     "vae_cache_elems": {"wan-2.1": 592, "wan-2.2": 447},
     "vae_cache_elems_default": 592,
+    # Host → device reads of the cache per decoder call under `stream`, in units of the cache (the whole cache,
+    # plus the one-frame slices each block re-reads to extend its own).
+    "vae_cache_reads": 1.5,
     # Same under vae.enable_tiling(), per pixel-frame of one tile (LTX's tiled decoder peaks lower).
     "vae_decode_tiled_elems": {"ltx-0.9.5": 45, "ltx-0.9.0": 45},  # refitted on crepa_mem.trace, case 13
     # Tiled decode: the output plus the decoded tiles kept until blending, in units of the output
@@ -151,15 +154,23 @@ def vae_decode_activation_bytes(vae: VaeProfile, frames: int, height: int, width
     return int(elems * at_once * area) * dtype_bytes(dtype)
 
 
-def is_streamed_decode(vae: VaeProfile, height: int, width: int, tiling: bool) -> bool:
-    """The teacher runs Wan's decoder one latent frame at a time itself (unless diffusers' tiling applies)."""
-    return vae.diffusers_class == "AutoencoderKLWan" and not (tiling and max(height, width) > vae.tile_sample_min)
+def decodes_frame_by_frame(vae: VaeProfile) -> bool:
+    """Wan's decode runs in crepa-mem's own loop (crepa_mem.teacher.wan_decode), tiled or not: one latent
+    frame per decoder call, only the selected frames kept; the others decode in one call."""
+    return vae.diffusers_class == "AutoencoderKLWan"
 
 
-def vae_cache_bytes(vae: VaeProfile, height: int, width: int, dtype: str) -> int:
-    """Wan's causal-conv cache for one sample, alive between latent frames (part of the decode peak)."""
+def tiles(vae: VaeProfile, height: int, width: int, tiling: bool) -> bool:
+    return tiling and max(height, width) > vae.tile_sample_min
+
+
+def vae_cache_bytes(vae: VaeProfile, height: int, width: int, dtype: str, *, tiling: bool = False) -> int:
+    """Wan's causal-conv cache for one sample, alive between latent frames (part of the decode peak unless
+    the `stream` tier keeps it on the host), at the area one decoder call sees (a tile when tiled)."""
     elems = CALIBRATION["vae_cache_elems"].get(vae.name, CALIBRATION["vae_cache_elems_default"])
-    return int(elems * vae.temporal_compression * height * width) * dtype_bytes(dtype)
+    area = min(height, vae.tile_sample_min) * min(width, vae.tile_sample_min) if tiles(vae, height, width, tiling) \
+        else height * width
+    return int(elems * vae.temporal_compression * area) * dtype_bytes(dtype)
 
 
 def vae_weight_bytes(vae: VaeProfile, dtype: str, drop_encoder: bool) -> int:
@@ -184,15 +195,31 @@ def decoder_calls(vae: VaeProfile, latent_frames: int, height: int, width: int, 
     return tiles * (latent_frames if per_frame else 1)
 
 
+def vae_cache_traffic_bytes(vae: VaeProfile, *, latent_frames: int, height: int, width: int, vae_dtype: str,
+                            tiling: bool, batch: int = 1) -> int:
+    """Host → device bytes of Wan's causal cache per step under `stream` (crepa_mem.teacher.wan_decode.HostCache):
+    every decoder call after a tile's first reads the whole cache back, plus the one-frame slices the blocks
+    re-read (CALIBRATION["vae_cache_reads"]); as much again goes device → host, synchronously."""
+    if not decodes_frame_by_frame(vae):
+        return 0
+    calls = decoder_calls(vae, latent_frames, height, width, tiling)
+    per_tile = max(1, latent_frames)
+    return int(batch * vae_cache_bytes(vae, height, width, vae_dtype, tiling=tiling) * CALIBRATION["vae_cache_reads"]
+               * calls * (per_tile - 1) / per_tile)
+
+
 def h2d_bytes(vae: VaeProfile, encoder: EncoderProfile, *, latent_frames: int, height: int, width: int,
               vae_tier: str, encoder_tier: str, vae_dtype: str, encoder_dtype: str, tiling: bool,
-              drop_vae_encoder: bool) -> dict[str, int]:
-    """Weights copied host → device per step. swap: the module once; stream: the encoder once (layer-major,
+              drop_vae_encoder: bool, batch: int = 1) -> dict[str, int]:
+    """Bytes copied host → device per step. swap: the module once; stream: the encoder once (layer-major,
     crepa_mem.teacher.stream.BlockStream), the VAE decoder once per decoder call (diffusers group offloading
-    moves each block in and out per call; the causal cache of Wan ties a call to one latent frame)."""
+    moves each block in and out per call; the causal cache of Wan ties a call to one latent frame), and
+    Wan's causal cache, which waits on the host between calls (vae_cache_traffic_bytes)."""
     vae_w, enc_w = vae_weight_bytes(vae, vae_dtype, drop_vae_encoder), encoder.params * dtype_bytes(encoder_dtype)
     calls = decoder_calls(vae, latent_frames, height, width, tiling)  # the batch goes through each call together
-    return {"vae": {"swap": vae_w, "stream": vae.params_decoder * dtype_bytes(vae_dtype) * calls}.get(vae_tier, 0),
+    stream = vae.params_decoder * dtype_bytes(vae_dtype) * calls + vae_cache_traffic_bytes(
+        vae, latent_frames=latent_frames, height=height, width=width, vae_dtype=vae_dtype, tiling=tiling, batch=batch)
+    return {"vae": {"swap": vae_w, "stream": stream}.get(vae_tier, 0),
             "encoder": {"swap": enc_w, "stream": enc_w}.get(encoder_tier, 0)}
 
 
@@ -237,9 +264,6 @@ def estimate(model: ModelProfile, encoder: EncoderProfile, *, frames: int, heigh
     # selected frame as it comes, leaves the VAE's `active()` block, and only then encodes the kept
     # frames `chunk` at a time: decode and encode never overlap.
     vae = model.vae
-    streamed = vae_tier in ON_GPU and is_streamed_decode(vae, height, width, vae_tiling)
-    teacher = "decode+encode"
-
     # -- weights by tier: swap moves a module in for its whole `active()` block, stream keeps ~2 blocks
     vae_w = vae_weight_bytes(vae, vae_dtype, drop_vae_encoder)
     add("vae_weights", {"gpu": vae_w, "swap": vae_w, "stream": vae_stream_window_bytes(vae, vae_dtype)}
@@ -255,22 +279,28 @@ def estimate(model: ModelProfile, encoder: EncoderProfile, *, frames: int, heigh
         add("latents", batch * vae.latent_channels * t_lat * lat_h * lat_w * vb, "decode")
         act = batch * vae_decode_activation_bytes(vae, frames, height, width, tiling=vae_tiling, dtype=vae_dtype)
         frame = 3 * height * width * vb
-        if streamed:  # Wan, one latent frame per call: its causal cache lives until the loop ends
-            cache = batch * vae_cache_bytes(vae, height, width, vae_dtype)
-            add("vae_decode_cache", cache, "decode")
+        tiled = tiles(vae, height, width, vae_tiling)
+        if decodes_frame_by_frame(vae):  # one latent frame (of one tile) per call, the kept frames gathered
+            cache = batch * vae_cache_bytes(vae, height, width, vae_dtype, tiling=vae_tiling)
             add("vae_decode_activations", act - cache, "decode")
-            add("decoded_frames", batch * vae.temporal_compression * frame, "decode")
+            if vae_tier != "stream":  # stream: the cache waits on the host between calls
+                add("vae_decode_cache", cache, "decode")
+            if tiled:  # the tile being decoded (its kept frames) and the strips its neighbours blend with
+                tile = min(height, vae.tile_sample_min) * min(width, vae.tile_sample_min)
+                blend = vae.tile_sample_min - vae.tile_sample_stride
+                add("decoded_tile", batch * t_sel * 3 * (tile + blend * (width + vae.tile_sample_min)) * vb, "decode")
         else:  # one call: the whole clip comes out at once (tiled: plus the tiles kept for blending)
             add("vae_decode_activations", act, "decode")
             factor = 1.0
-            if vae_tiling and max(height, width) > vae.tile_sample_min:
+            if tiled:
                 factor = CALIBRATION["vae_tiled_output_factor"].get(vae.name,
                                                                    CALIBRATION["vae_tiled_output_factor_default"])
             add("decoded_video", batch * frames * frame * factor, "decode")
+        # the selected frames, gathered as they are decoded, wait for the encoder
+        add("selected_frames", total_frames * frame, "decode+encode" if encoder_tier in ON_GPU else "decode")
 
     # -- encode: the kept selected frames (gathered during the decode), one chunk's input and activations
     if encoder_tier in ON_GPU:
-        add("selected_frames", total_frames * 3 * height * width * vb, teacher)
         # stacked chunk (VAE dtype) + its resized copy + the normalised input (encoder dtype, one temporary)
         add("encoder_input", chunk * 3 * (height * width * vb + image_size * image_size
                                           * (vb + CALIBRATION["encoder_input_copies"] * eb)), "encode")
@@ -290,10 +320,11 @@ def estimate(model: ModelProfile, encoder: EncoderProfile, *, frames: int, heigh
     aligned = total_frames * target * d_enc * 4  # y: the features aligned and L2-normalised, fp32
     chunked = loss_chunk is not None and 0 < loss_chunk < rows // batch
     on_gpu = "encode+" if encoder_tier in ON_GPU else ""
-    # fp32 features are the whole loss's own (a cast copy or y replaces the others); the chunked loss keeps them
-    # in their dtype and casts per window, and a cache's stay on the host (staged)
-    held = (eb == 4 and not chunked) or (chunked and encoder_tier != "cache")
-    if on_gpu or held:
+    # fp32 features are the whole loss's own (a cast copy or y replaces the others); for the chunked loss they
+    # wait on the host (staged: written there by the encoder, or read there from a cache) and each chunk casts
+    # its own window
+    held = eb == 4 and not chunked
+    if not chunked and (on_gpu or held):
         add("features", total_frames * n_enc * d_enc * eb, on_gpu + "loss" if held else "encode")
     if not chunked:
         if not held:
@@ -322,7 +353,7 @@ def estimate(model: ModelProfile, encoder: EncoderProfile, *, frames: int, heigh
                   dit_tokens_per_frame=p_dit, encoder_tokens_per_frame=n_enc)
     traffic = h2d_bytes(vae, encoder, latent_frames=t_lat, height=height, width=width, vae_tier=vae_tier,
                         encoder_tier=encoder_tier, vae_dtype=vae_dtype, encoder_dtype=encoder_dtype, tiling=vae_tiling,
-                        drop_vae_encoder=drop_vae_encoder)
+                        drop_vae_encoder=drop_vae_encoder, batch=batch)
     return Estimate(terms, inputs=inputs, h2d=traffic)
 
 

@@ -147,7 +147,7 @@ def _decode_clip(vae: nn.Module, z_tile: Tensor, keep: Sequence[int], *, per_fra
             out = vae.decoder(frame, feat_cache=cache, feat_idx=vae._conv_idx, first_chunk=(k == 0))
             sel = _frames_of_chunk(start, out.shape[2], keep)
             if sel:
-                kept.append(out[:, :, sel])
+                kept.append(torch.stack([out[:, :, i] for i in sel], dim=2))  # no index tensor to copy over
             start += out.shape[2]
             del out, frame
     finally:
