@@ -33,15 +33,18 @@ ON_GPU = ("gpu", "swap", "stream")  # tiers that run the module on the training 
 
 CALIBRATION = {
     # Live activation elements per decoded pixel-frame at the VAE decoder's peak (bf16 trace at 480×832
-    # and 704×1280; linear in area, Wan/Hunyuan independent of clip length, LTX linear in frames).
-    "vae_decode_elems": {"wan-2.1": 1264, "wan-2.2": 1344, "hunyuanvideo": 1180, "ltx-0.9.5": 47, "ltx-0.9.0": 47},
+    # and 704×1280; linear in area, Wan/Hunyuan independent of clip length, LTX linear in frames). Wan: one
+    # decoder call (4 pixel frames) of crepa_mem.teacher.wan_decode's loop at the area it decodes (the frame,
+    # or a tile), cache included (trace, Wan 2.1 81×480×832 tiled / 17 frames untiled: 1200 / 1168; Wan 2.2
+    # 49×704×1280 tiled: 1252).
+    "vae_decode_elems": {"wan-2.1": 1190, "wan-2.2": 1252, "hunyuanvideo": 1180, "ltx-0.9.5": 47, "ltx-0.9.0": 47},
     "vae_decode_elems_default": 1300,  # an unknown conv VAE: like Wan/Hunyuan (conservative)
     # Of which Wan's causal-conv cache, alive between latent frames (trace at 480×832 / 704×1280).
     "vae_cache_elems": {"wan-2.1": 592, "wan-2.2": 447},
     "vae_cache_elems_default": 592,
-    # Host → device reads of the cache per decoder call under `stream`, in units of the cache (the whole cache,
-    # plus the one-frame slices each block re-reads to extend its own).
-    "vae_cache_reads": 1.5,
+    # Host → device reads of the cache per decoder call under `stream`, in units of the cache: the whole cache,
+    # plus the one-frame slices the blocks re-read to extend their own (trace, Wan 2.1 480×832, 17 and 9 frames).
+    "vae_cache_reads": 1.03,
     # Same under vae.enable_tiling(), per pixel-frame of one tile (LTX's tiled decoder peaks lower).
     "vae_decode_tiled_elems": {"ltx-0.9.5": 45, "ltx-0.9.0": 45},  # refitted on crepa_mem.trace, case 13
     # Tiled decode: the output plus the decoded tiles kept until blending, in units of the output
@@ -195,17 +198,26 @@ def decoder_calls(vae: VaeProfile, latent_frames: int, height: int, width: int, 
     return tiles * (latent_frames if per_frame else 1)
 
 
+def tile_area_sum(vae: VaeProfile, height: int, width: int, tiling: bool) -> int:
+    """Pixels over all the tiles one frame is decoded in (edge tiles are smaller; untiled: the frame)."""
+    if not tiles(vae, height, width, tiling):
+        return height * width
+    t, stride = vae.tile_sample_min, vae.tile_sample_stride
+    return sum(min(t, height - i) for i in range(0, height, stride)) * sum(min(t, width - j) for j in range(0, width, stride))
+
+
 def vae_cache_traffic_bytes(vae: VaeProfile, *, latent_frames: int, height: int, width: int, vae_dtype: str,
                             tiling: bool, batch: int = 1) -> int:
     """Host → device bytes of Wan's causal cache per step under `stream` (crepa_mem.teacher.wan_decode.HostCache):
-    every decoder call after a tile's first reads the whole cache back, plus the one-frame slices the blocks
-    re-read (CALIBRATION["vae_cache_reads"]); as much again goes device → host, synchronously."""
-    if not decodes_frame_by_frame(vae):
+    each decoder call after a tile's first reads the tile's cache back (the second call's entries hold one
+    frame, later ones two: latent frames − 1.5 caches per tile), plus the one-frame slices the blocks re-read
+    (CALIBRATION["vae_cache_reads"]); as much goes device → host, synchronously."""
+    if not decodes_frame_by_frame(vae) or latent_frames < 2:
         return 0
-    calls = decoder_calls(vae, latent_frames, height, width, tiling)
-    per_tile = max(1, latent_frames)
-    return int(batch * vae_cache_bytes(vae, height, width, vae_dtype, tiling=tiling) * CALIBRATION["vae_cache_reads"]
-               * calls * (per_tile - 1) / per_tile)
+    elems = CALIBRATION["vae_cache_elems"].get(vae.name, CALIBRATION["vae_cache_elems_default"])
+    per_pixel = elems * vae.temporal_compression * dtype_bytes(vae_dtype)
+    return int(CALIBRATION["vae_cache_reads"] * batch * per_pixel * tile_area_sum(vae, height, width, tiling)
+               * (latent_frames - 1.5))
 
 
 def h2d_bytes(vae: VaeProfile, encoder: EncoderProfile, *, latent_frames: int, height: int, width: int,

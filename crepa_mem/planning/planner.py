@@ -175,12 +175,18 @@ def _overhead(ctx: _Ctx, c: Candidate, e: est.Estimate, enc: EncoderProfile) -> 
                                **shape)
     vae_s = st.vae_decode_seconds(ctx.model, height=ctx.height, width=ctx.width, tiling=False, **shape)
     parts: dict[str, float] = {}
-    for key, tier, weights, compute in (("crepa_mem_encoder_tier", c.encoder_tier, e.h2d.get("encoder", 0), enc_s),
-                                        ("crepa_mem_vae_tier", c.vae_tier, e.h2d.get("vae", 0), vae_s)):
+    # Wan's causal cache waits on the host under a streamed VAE: copied both ways, synchronously (not hidden)
+    cache = est.vae_cache_traffic_bytes(ctx.model.vae, latent_frames=ctx.model.latent_frames(ctx.frames),
+                                        height=ctx.height, width=ctx.width, vae_dtype="bf16", tiling=c.tiling,
+                                        batch=ctx.batch) if c.vae_tier == "stream" else 0
+    for key, tier, moved, compute in (("crepa_mem_encoder_tier", c.encoder_tier, e.h2d.get("encoder", 0), enc_s),
+                                      ("crepa_mem_vae_tier", c.vae_tier, e.h2d.get("vae", 0), vae_s)):
         if tier == "swap":
-            parts[key] = weights / h2d
-        elif tier == "stream":  # prefetched: only the part of the copy that compute does not hide
-            parts[key] = max(0.0, weights / h2d - compute) + st.STREAM_COMPUTE_OVERHEAD * compute
+            parts[key] = moved / h2d
+        elif tier == "stream":  # prefetched weights: only the part of the copy that compute does not hide
+            synchronous = cache if key == "crepa_mem_vae_tier" else 0
+            parts[key] = (max(0.0, (moved - synchronous) / h2d - compute) + 2 * synchronous / h2d
+                          + st.STREAM_COMPUTE_OVERHEAD * compute)
     if c.level.cache:
         parts["crepa_mem_feature_cache"] = st.cache_read_seconds(e.components.get("features", 0))
     if c.teacher_device:  # features come back over PCIe (through the host without P2P)
