@@ -23,7 +23,8 @@ against it and not taken:
 A torch.hub DINOv2 (run through `forward_features`, which bypasses the top-level hook that brings in
 its embeddings) is refused for `stream`; crepa-mem's loader returns transformers' Dinov2Model.
 
-The VAE: only the decoder is streamed (the teacher never encodes), down to each up block's resnets;
+The VAE: only the decoder is streamed (the teacher never encodes), down to each up block's resnets,
+and Wan's causal cache waits on the host between decoder calls (wan_decode.HostCache);
 its small top-level pieces (post_quant_conv, latent statistics) stay resident and the unused encoder
 stays on the CPU. Against `swap` this saves the decoder's weights minus its two largest groups (bf16:
 ≈0.9 GB for Wan 2.2, ≈0.8 GB for LTX 0.9.5, ≈0.2 GB for HunyuanVideo, ≈0.1 GB for Wan 2.1; see
