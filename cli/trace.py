@@ -3,7 +3,8 @@
 Full-size models on fake tensors (crepa_mem.trace); nothing is downloaded and no GPU is needed.
 The peak is the whole CREPA call's: the teacher, then the projection, the alignment and the backward.
 --json prints exactly {"baseline": SIDE, "candidate": {**SIDE, "settings"}, "ratio"} with
-SIDE = {"peak_bytes", "teacher_peak_bytes", "loss_peak_bytes", "h2d_bytes": {"vae", "encoder"}} (per step).
+SIDE = {"peak_bytes", "teacher_peak_bytes", "loss_peak_bytes", "phase_peak_bytes": {"decode", "encode",
+"loss"}, "h2d_bytes": {"vae", "encoder"}} (per step).
 Exit codes: 0 ok, 2 bad input (unknown model or encoder, a shape the VAE cannot encode).
 """
 from __future__ import annotations

@@ -144,9 +144,11 @@ def test_cli_json_prints_exactly_the_report():
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     assert set(report) == {"baseline", "candidate", "ratio"}
-    side = {"peak_bytes", "teacher_peak_bytes", "loss_peak_bytes", "h2d_bytes"}
+    side = {"peak_bytes", "teacher_peak_bytes", "loss_peak_bytes", "phase_peak_bytes", "h2d_bytes"}
     assert set(report["baseline"]) == side and set(report["candidate"]) == side | {"settings"}
     assert set(report["candidate"]["h2d_bytes"]) == {"vae", "encoder"}
+    assert set(report["candidate"]["phase_peak_bytes"]) == {"decode", "encode", "loss"}
+    assert max(report["candidate"]["phase_peak_bytes"].values()) <= report["candidate"]["peak_bytes"]
     assert report["candidate"]["peak_bytes"] == max(report["candidate"]["teacher_peak_bytes"],
                                                     report["candidate"]["loss_peak_bytes"])
     assert report["candidate"]["settings"]["encoder_tier"] == "swap" and report["candidate"]["settings"]["chunk"] == 2

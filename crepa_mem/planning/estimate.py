@@ -412,6 +412,14 @@ def calibration_cases() -> list[dict]:
                    **small),
               dict(model="ltxvideo-13b", frames=161, height=512, width=704, encoder_tier="stream", vae_tier="stream",
                    **small)]
+    # Wan's own decode loop (crepa_mem.teacher.wan_decode), outside the grid: 121 frames at 720 × 1280 tiled (the
+    # stock tiled decode held every tile's clip: −39 % before the loop), and 49 frames untiled with the cache on
+    # the host, a bf16 encoder in chunks of 3.
+    cases += [dict(model="wan-2.1-14b", frames=121, height=720, width=1280, encoder="dinov2_vitl14", image_size=448,
+                   encoder_dtype="bf16", encoder_tier="stream", vae_tier="swap", frames_per_chunk=3, vae_tiling=True,
+                   drop_vae_encoder=True),
+              dict(model="wan-2.1-1.3b", frames=49, height=480, width=832, encoder="dinov2_vitl14", image_size=448,
+                   encoder_dtype="bf16", encoder_tier="gpu", vae_tier="stream", frames_per_chunk=3)]
     return cases
 
 

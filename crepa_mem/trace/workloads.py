@@ -335,9 +335,13 @@ def _cached_features(workload: Workload, s: dict, dim: int, enc_dtype: torch.dty
 
 
 def side_report(r: TraceResult) -> dict:
-    """One side of the `--json` report: the whole call's peak, its two parts and the host → device traffic."""
+    """One side of the `--json` report: the whole call's peak, its two parts, the device's peak in each phase
+    (decode, encode, loss: all that is live then, the regularizer's resident state included) and the
+    host → device traffic."""
     return {"peak_bytes": r.peak_bytes, "teacher_peak_bytes": r.teacher_peak_bytes,
-            "loss_peak_bytes": r.loss_peak_bytes, "h2d_bytes": dict(r.h2d_bytes)}
+            "loss_peak_bytes": r.loss_peak_bytes,
+            "phase_peak_bytes": {k: r.phases[k] for k in ("decode", "encode", "loss") if k in r.phases},
+            "h2d_bytes": dict(r.h2d_bytes)}
 
 
 def report(base: TraceResult, cand: TraceResult, settings: TeacherSettings) -> dict:
