@@ -110,6 +110,8 @@ def decode_selected(vae: nn.Module, z_BCThw: Tensor, keep: list[int], *,
         pixels = vae.decode(z_BCThw).sample
     frames = pixels.shape[2]
     wanted = [f for f in sorted(set(keep)) if f < frames]
+    if not wanted:  # the VAE gave fewer frames than asked for (the caller names the shortfall)
+        return pixels[:, :, :0].clone(), frames
     return torch.stack([pixels[:, :, i] for i in wanted], dim=2).clamp_(-1.0, 1.0), frames  # no index tensor
 
 

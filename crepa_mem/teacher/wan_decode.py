@@ -156,11 +156,13 @@ def _decode_clip(vae: nn.Module, z_tile: Tensor, keep: Sequence[int], *, per_fra
             if sel:
                 kept.append(torch.stack([out[:, :, i] for i in sel], dim=2))  # no index tensor to copy over
             start += out.shape[2]
+            blank = dict(size=out.shape[:2] + (0,) + out.shape[3:], dtype=out.dtype, device=out.device)
             del out, frame
     finally:
         vae.clear_cache()
         cache.clear()
-    return torch.cat(kept, dim=2), start
+    # none kept: the VAE gave fewer frames than asked for (the caller names the shortfall)
+    return (torch.cat(kept, dim=2) if kept else torch.empty(**blank)), start
 
 
 def _tiled(vae: nn.Module, z: Tensor, keep: Sequence[int], cache_host: torch.device | None) -> tuple[Tensor, int]:
