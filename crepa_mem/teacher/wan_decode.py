@@ -15,8 +15,9 @@ changes is only what is held between them, and four leaf computations rewritten 
 - Inside the decoder, for the duration of the call (instance `forward`s on leaf modules, removed after;
   a leaf that already has one, e.g. from another library's hook, is left as it is):
   - `WanRMS_norm` normalises in slices of at most `NORM_SLICE_BYTES` of fp32: the stock norm upcasts
-    the whole activation to fp32 twice (≈0.2 GB at a 256 × 256 tile's last block); the slices give the
-    same values, since the norm is over channels, position by position.
+    the whole activation to fp32 twice (≈1.2 GB at an untiled 480 × 832 frame's last block; a 256-px
+    tile's stays whole); the slices give the same values, since the norm is over channels, position by
+    position.
   - `WanUpsample` (nearest / nearest-exact) interpolates in the activation's own dtype: nearest
     interpolation copies values, so the fp32 round trip (4× the upsampled size in bf16) changes nothing.
   - `WanCausalConv3d` writes its cache frames and its input into one zero-padded buffer: stock
@@ -43,7 +44,10 @@ from torch import Tensor, nn
 
 from crepa_mem.teacher.placement import pinning_available
 
-NORM_SLICE_BYTES = 32 << 20  # fp32 bytes of one slice of the sliced RMS norm (fewer slices: fewer ops to run)
+# fp32 bytes of one slice of the sliced RMS norm. An untiled 480 × 832 Wan 2.1 decode upcasts 0.6 GB per
+# norm (5 slices); a 256-px tile's 0.1 GB stays whole: there the slices' extra ops cost more time (kernel
+# launches; under `crepa-mem trace`, +10 % for the reference) than the memory is worth below the loss phase.
+NORM_SLICE_BYTES = 128 << 20
 
 
 # ------------------------------------------------------------------ lean leaves
