@@ -10,7 +10,7 @@ Runs `crepa-mem trace` on Wan 2.1 14B, 81 frames at 480×832, DINOv2 ViT-g/14 at
 and prints each command, its JSON report, its wall time (target: < 3 min each) and the verdicts.
 Exit 1 only when a memory target is missed: memory is a property of the code, wall time one of the
 machine, so a slow machine prints the wall-time target beside the measured time instead of failing.
-Each run is long on a CPU (≈ 15 min for the first on a shared 2-core machine): a line on stderr when it
+Each run takes minutes on a CPU (≈ 2 min for the first on a shared 2-core machine): a line on stderr when it
 starts, and trace's own progress bar (on a terminal) on stderr while it runs.
 """
 from __future__ import annotations

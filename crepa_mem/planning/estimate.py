@@ -34,21 +34,25 @@ ON_GPU = ("gpu", "swap", "stream")  # tiers that run the module on the training 
 CALIBRATION = {
     # Live activation elements per decoded pixel-frame at the VAE decoder's peak (bf16 trace at 480×832
     # and 704×1280; linear in area, Wan/Hunyuan independent of clip length, LTX linear in frames). Wan: one
-    # decoder call (4 pixel frames) of crepa_mem.teacher.wan_decode's loop at the area it decodes (the frame,
-    # or a tile), cache included (trace, Wan 2.1 81×480×832 tiled / 17 frames untiled: 1200 / 1168; Wan 2.2
-    # 49×704×1280 tiled: 1252).
-    "vae_decode_elems": {"wan-2.1": 1190, "wan-2.2": 1252, "hunyuanvideo": 1180, "ltx-0.9.5": 47, "ltx-0.9.0": 47},
+    # decoder call (4 pixel frames) of crepa_mem.teacher.wan_decode's loop at the area it decodes, cache
+    # included (trace: Wan 2.1 17 × 480 × 832 untiled 1168; Wan 2.2 17 × 512 × 768 1217).
+    "vae_decode_elems": {"wan-2.1": 1168, "wan-2.2": 1217, "hunyuanvideo": 1180, "ltx-0.9.5": 47, "ltx-0.9.0": 47},
     "vae_decode_elems_default": 1300,  # an unknown conv VAE: like Wan/Hunyuan (conservative)
     # Of which Wan's causal-conv cache, alive between latent frames (trace at 480×832 / 704×1280).
-    "vae_cache_elems": {"wan-2.1": 592, "wan-2.2": 447},
+    "vae_cache_elems": {"wan-2.1": 592, "wan-2.2": 446},
     "vae_cache_elems_default": 592,
+    # Of the cache, what is still on the device at a tile's peak when `stream` keeps it on the host (the entry
+    # just cloned, the one in use; trace, Wan 2.1 81 × 480 × 832 tiled; untiled frames peak elsewhere: 0).
+    "vae_cache_in_flight_tiled": 0.08,
     # Host → device reads of the cache per decoder call under `stream`, in units of the cache: the whole cache,
     # plus the one-frame slices the blocks re-read to extend their own (trace, Wan 2.1 480×832, 17 and 9 frames).
     "vae_cache_reads": 1.03,
-    # Same under vae.enable_tiling(), per pixel-frame of one tile (LTX's tiled decoder peaks lower).
-    "vae_decode_tiled_elems": {"ltx-0.9.5": 45, "ltx-0.9.0": 45},  # refitted on crepa_mem.trace, case 13
+    # Same under vae.enable_tiling(), per pixel-frame of one tile (LTX's tiled decoder peaks lower; Wan's 256-px
+    # tile normalises without slices, crepa_mem.teacher.wan_decode.NORM_SLICE_BYTES: trace, Wan 2.1 81 × 480 × 832
+    # 1296, Wan 2.2 49 × 704 × 1280 1310).
+    "vae_decode_tiled_elems": {"ltx-0.9.5": 45, "ltx-0.9.0": 45, "wan-2.1": 1296, "wan-2.2": 1310},
     # Tiled decode: the output plus the decoded tiles kept until blending, in units of the output
-    # (Wan 2.1, 256-px tiles with stride 192, 81 frames at 480×832: 1.4; LTX's 512/448 tiles: 1.0).
+    # (LTX's 512/448 tiles: 1.0; an unknown VAE like diffusers' tiled decoders: 1.4).
     "vae_tiled_output_factor": {"ltx-0.9.5": 1.0, "ltx-0.9.0": 1.0},
     "vae_tiled_output_factor_default": 1.4,
     # Encoder forward (no grad) per token: a·D + b·I elements live at the peak layer
@@ -297,6 +301,8 @@ def estimate(model: ModelProfile, encoder: EncoderProfile, *, frames: int, heigh
             add("vae_decode_activations", act - cache, "decode")
             if vae_tier != "stream":  # stream: the cache waits on the host between calls
                 add("vae_decode_cache", cache, "decode")
+            elif tiled:
+                add("vae_decode_cache", cache * CALIBRATION["vae_cache_in_flight_tiled"], "decode")
             if tiled:  # the tile being decoded (its kept frames) and the strips its neighbours blend with
                 tile = min(height, vae.tile_sample_min) * min(width, vae.tile_sample_min)
                 blend = vae.tile_sample_min - vae.tile_sample_stride
