@@ -181,3 +181,11 @@ def test_chunked_loss_phase_and_h2d_per_step():
     assert est(encoder_tier="swap", vae_tier="swap").h2d == {"encoder": G.params * 4,
                                                              "vae": E.vae_weight_bytes(WAN14.vae, "bf16", False)}
     assert est().h2d == {"encoder": 0, "vae": 0} and est().to_dict()["h2d_bytes"] == est().h2d
+
+
+def test_features_bytes_count_the_clip_wherever_it_waits():
+    """A cache's features are read per step even where the chunked loss keeps them off the GPU."""
+    cached = est(encoder_tier="cache", vae_tier="cache", loss_chunk=1)
+    assert "features" not in cached.components
+    assert E.features_bytes(cached) == E.features_bytes(est()) == 21 * 1369 * 1536 * 4
+    assert E.features_bytes(est(encoder_dtype="bf16", batch=2)) == 2 * 21 * 1369 * 1536 * 2

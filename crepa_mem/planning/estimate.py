@@ -368,11 +368,19 @@ def estimate(model: ModelProfile, encoder: EncoderProfile, *, frames: int, heigh
                   image_size=image_size, encoder_dtype=encoder_dtype, vae_dtype=vae_dtype, encoder_tier=encoder_tier,
                   vae_tier=vae_tier, vae_tiling=vae_tiling, drop_vae_encoder=drop_vae_encoder,
                   frames_per_chunk=chunk, spatial_align=spatial_align, loss_chunk=loss_chunk, latent_frames=t_lat, teacher_frames=t_sel,
-                  dit_tokens_per_frame=p_dit, encoder_tokens_per_frame=n_enc)
+                  dit_tokens_per_frame=p_dit, encoder_tokens_per_frame=n_enc, encoder_dim=d_enc)
     traffic = h2d_bytes(vae, encoder, latent_frames=t_lat, height=height, width=width, vae_tier=vae_tier,
                         encoder_tier=encoder_tier, vae_dtype=vae_dtype, encoder_dtype=encoder_dtype, tiling=vae_tiling,
                         drop_vae_encoder=drop_vae_encoder, batch=batch)
     return Estimate(terms, inputs=inputs, h2d=traffic)
+
+
+def features_bytes(e: "Estimate") -> int:
+    """The clip's teacher features in their dtype (B, T_sel, N, D), wherever they wait: what a feature cache
+    reads per step and what a teacher on another device sends back."""
+    i = e.inputs
+    return i["batch"] * i["teacher_frames"] * i["encoder_tokens_per_frame"] * i["encoder_dim"] * dtype_bytes(
+        i["encoder_dtype"])
 
 
 LOSS_TERMS = ("projector", "features_fp32", "loss_activations", "features_window", "hidden_grad",

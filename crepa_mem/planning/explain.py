@@ -59,7 +59,7 @@ def explain(ctx, c, e: est.Estimate, cost: dict[str, float], baseline, fits: boo
         choice("crepa_spatial_align", False, "both sides mean-pooled to one token per frame: no resampled token grids",
                "loses spatial correspondence (per-frame alignment only)")
     if lv.cache:
-        per_clip = e.components.get("features", 0) // max(ctx.batch, 1)
+        per_clip = est.features_bytes(e) // max(ctx.batch, 1)
         choice("crepa_mem_feature_cache", FEATURE_CACHE_DIR, "teacher features precomputed once with `crepa-mem cache "
                "build` at latent-caching time; no VAE or DINOv2 on the GPU while training",
                "none for cached latents; augmentations after caching are not seen",

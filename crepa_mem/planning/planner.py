@@ -188,9 +188,9 @@ def _overhead(ctx: _Ctx, c: Candidate, e: est.Estimate, enc: EncoderProfile) -> 
             parts[key] = (max(0.0, (moved - synchronous) / h2d - compute) + 2 * synchronous / h2d
                           + st.STREAM_COMPUTE_OVERHEAD * compute)
     if c.level.cache:
-        parts["crepa_mem_feature_cache"] = st.cache_read_seconds(e.components.get("features", 0))
+        parts["crepa_mem_feature_cache"] = st.cache_read_seconds(est.features_bytes(e))
     if c.teacher_device:  # features come back over PCIe (through the host without P2P)
-        parts["crepa_mem_teacher_device"] = 2 * e.components.get("features", 0) / h2d
+        parts["crepa_mem_teacher_device"] = 2 * est.features_bytes(e) / h2d
     if c.tiling:
         parts["crepa_mem_vae_tiling"] = st.vae_decode_seconds(ctx.model, height=ctx.height, width=ctx.width,
                                                               tiling=True, **shape) - vae_s
