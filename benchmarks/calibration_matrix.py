@@ -1,6 +1,6 @@
 """crepa_mem.planning.estimate (analytic) against crepa_mem.trace.workloads (measured on fake tensors), case by case.
 
-    python benchmarks/calibration_matrix.py            # every estimate.calibration_cases() entry (≥ 24)
+    python benchmarks/calibration_matrix.py            # every calibration.calibration_cases() entry (≥ 24)
     python benchmarks/calibration_matrix.py --only 0 3 # some of them
 
 For each case: the teacher-step peak on the compute device as estimate.teacher_peak() predicts it and
@@ -13,7 +13,8 @@ import argparse
 import json
 import time
 
-from crepa_mem.planning.estimate import calibration_cases, estimate_case, teacher_peak
+from crepa_mem.planning.calibration import calibration_cases, estimate_case
+from crepa_mem.planning.estimate import teacher_peak
 from crepa_mem.trace.workloads import TeacherSettings, Workload, trace_candidate
 from crepa_mem.units import format_bytes
 

@@ -4,7 +4,8 @@ The whole matrix (all cases) is benchmarks/calibration_matrix.py (27 cases, wors
 """
 import pytest
 
-from crepa_mem.planning.estimate import calibration_cases, estimate_case, teacher_peak
+from crepa_mem.planning.calibration import calibration_cases, estimate_case
+from crepa_mem.planning.estimate import teacher_peak
 from crepa_mem.trace.workloads import TeacherSettings, Workload, trace_candidate
 
 TOLERANCE = 0.10
