@@ -49,3 +49,15 @@ def test_a_feature_cache_for_the_chunked_loss_stays_on_the_host():
     whole = trace_candidate(w, TeacherSettings(feature_cache=True))
     features = 4 * w.batch * s["dit_frames"] * s["encoder_tokens"] * 384  # ViT-S/14 fp32
     assert whole.teacher_peak_bytes == whole.weights_bytes + latents + features
+
+
+def test_the_teachers_features_wait_on_the_host_for_the_chunked_loss():
+    """With crepa_mem_loss_chunk the encoder writes each call's tokens to the host: the encode phase no longer
+    holds the clip's features on the GPU, and the loss phase holds only each chunk's window of them."""
+    w = Workload(**SMALL)
+    s = w.shapes()
+    features = 4 * w.batch * s["dit_frames"] * s["encoder_tokens"] * 384  # ViT-S/14 fp32
+    on_gpu = trace_candidate(w, TeacherSettings(encoder_tier="swap", vae_tier="swap", chunk=1))
+    staged = trace_candidate(w, TeacherSettings(encoder_tier="swap", vae_tier="swap", chunk=1, loss_chunk=1))
+    assert on_gpu.phases["encode"] - staged.phases["encode"] >= features * 0.9
+    assert staged.host_peak_bytes >= features
