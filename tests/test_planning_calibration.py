@@ -1,6 +1,6 @@
 """crepa_mem.planning.estimate against crepa_mem.trace.workloads on a fast subset of estimate.calibration_cases() (±10 %).
 
-The whole matrix (all cases) is benchmarks/calibration_matrix.py (27 cases, worst |error| 3.5 %).
+The whole matrix (all cases) is benchmarks/calibration_matrix.py (29 cases, worst |error| 8.3 %).
 """
 import pytest
 
