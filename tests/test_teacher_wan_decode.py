@@ -123,8 +123,8 @@ def _meta_vae(tiled):
     with torch.device("meta"):
         vae = AutoencoderKLWan.from_config(tiny_vae("wan").config)
     if tiled:
-        vae.enable_tiling(tile_sample_min_height=64, tile_sample_min_width=64, tile_sample_stride_height=48,
-                          tile_sample_stride_width=48)
+        vae.enable_tiling(tile_sample_min_height=64, tile_sample_min_width=64, tile_sample_stride_height=56,
+                          tile_sample_stride_width=56)  # 8-px blends: stock blends row by row, slow on fake tensors
     return vae
 
 
@@ -132,7 +132,7 @@ def _meta_vae(tiled):
 def test_less_is_alive_than_in_the_stock_decode(tiled):
     """Fake-GPU peaks (the trace's counter) of the stock decode vs ours: 9 frames of 33 kept."""
     peaks = {}
-    for name in ("stock", "ours", "host cache"):
+    for name in ("stock", "ours") + (() if tiled else ("host cache",)):  # the host cache once (the slow part)
         with fake_gpu() as tracker:
             vae = materialize(_meta_vae(tiled), FAKE_GPU, torch.bfloat16)
             z = torch.empty(1, 16, 9, 12, 12, dtype=torch.bfloat16, device=FAKE_GPU)
@@ -147,7 +147,7 @@ def test_less_is_alive_than_in_the_stock_decode(tiled):
         if name == "host cache":
             assert h2d > 0  # the cache came back to the device for every call
     assert peaks["ours"] < (0.5 if tiled else 0.9) * peaks["stock"], peaks
-    assert peaks["host cache"] < peaks["ours"], peaks
+    assert tiled or peaks["host cache"] < peaks["ours"], peaks
 
 
 def test_the_causal_conv_buffer_equals_cat_then_pad():
