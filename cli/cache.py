@@ -10,6 +10,7 @@ an MPI hostfile; without one it runs a single process, which builds everything.)
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -186,7 +187,12 @@ def build(
     summaries = gather(report)
     _leave_process_group()
     if rank != 0:
-        return
+        # Its entries are written and the group is gone. Under load, interpreter teardown on a non-zero
+        # rank still aborted now and then ("terminate called without an active exception", exit -6, a C++
+        # thread of torch.distributed's destroyed while joinable): skip the teardown, nothing is left to do.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     _finish(summaries, out, latents, dev, world, json_out)
 
 
@@ -196,6 +202,7 @@ def _leave_process_group() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank tears its sockets down while another's gloo threads still talk to them
         dist.destroy_process_group()
 
 
