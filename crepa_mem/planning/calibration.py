@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from crepa_mem.planning.estimate import Estimate, estimate
 
+
 def calibration_cases() -> list[dict]:
     """≥ 24 estimate() keyword sets (model and encoder by profile name) spanning the model's axes, then the
     out-of-grid cases that were misses (indices of the grid stay put)."""

@@ -149,18 +149,6 @@ def encoder_flops_per_frame(encoder: EncoderProfile, image_size: int) -> float:
     return 2.0 * encoder.params * tokens + 4.0 * tokens * tokens * encoder.hidden_size * encoder.num_layers
 
 
-def vae_decode_activation_bytes(vae: VaeProfile, frames: int, height: int, width: int, *, tiling: bool,
-                                dtype: str) -> int:
-    """Peak live activations of decoding one sample: elements per pixel-frame × frames at once × area."""
-    at_once = frames if vae.decode_frames <= 0 else min(frames, vae.decode_frames)
-    elems = vae.decode_elems or CALIBRATION["vae_decode_elems"].get(vae.name, CALIBRATION["vae_decode_elems_default"])
-    area = height * width
-    if tiling and (height > vae.tile_sample_min or width > vae.tile_sample_min):
-        area = min(height, vae.tile_sample_min) * min(width, vae.tile_sample_min)
-        elems = CALIBRATION["vae_decode_tiled_elems"].get(vae.name, elems)
-    return int(elems * at_once * area) * dtype_bytes(dtype)
-
-
 def decodes_frame_by_frame(vae: VaeProfile) -> bool:
     """Wan's decode runs in crepa-mem's own loop (crepa_mem.teacher.wan_decode), tiled or not: one latent
     frame per decoder call, only the selected frames kept; the others decode in one call."""
@@ -168,16 +156,32 @@ def decodes_frame_by_frame(vae: VaeProfile) -> bool:
 
 
 def tiles(vae: VaeProfile, height: int, width: int, tiling: bool) -> bool:
+    """Whether the VAE's decode is tiled at this size (diffusers tiles only what exceeds one tile)."""
     return tiling and max(height, width) > vae.tile_sample_min
+
+
+def decode_area(vae: VaeProfile, height: int, width: int, tiling: bool) -> int:
+    """Pixels one decoder call sees: a (full-size) tile when tiled, else the frame."""
+    if tiles(vae, height, width, tiling):
+        return min(height, vae.tile_sample_min) * min(width, vae.tile_sample_min)
+    return height * width
+
+
+def vae_decode_activation_bytes(vae: VaeProfile, frames: int, height: int, width: int, *, tiling: bool,
+                                dtype: str) -> int:
+    """Peak live activations of decoding one sample: elements per pixel-frame × frames at once × area."""
+    at_once = frames if vae.decode_frames <= 0 else min(frames, vae.decode_frames)
+    elems = vae.decode_elems or CALIBRATION["vae_decode_elems"].get(vae.name, CALIBRATION["vae_decode_elems_default"])
+    if tiles(vae, height, width, tiling):
+        elems = CALIBRATION["vae_decode_tiled_elems"].get(vae.name, elems)
+    return int(elems * at_once * decode_area(vae, height, width, tiling)) * dtype_bytes(dtype)
 
 
 def vae_cache_bytes(vae: VaeProfile, height: int, width: int, dtype: str, *, tiling: bool = False) -> int:
     """Wan's causal-conv cache for one sample, alive between latent frames (part of the decode peak unless
     the `stream` tier keeps it on the host), at the area one decoder call sees (a tile when tiled)."""
     elems = CALIBRATION["vae_cache_elems"].get(vae.name, CALIBRATION["vae_cache_elems_default"])
-    area = min(height, vae.tile_sample_min) * min(width, vae.tile_sample_min) if tiles(vae, height, width, tiling) \
-        else height * width
-    return int(elems * vae.temporal_compression * area) * dtype_bytes(dtype)
+    return int(elems * vae.temporal_compression * decode_area(vae, height, width, tiling)) * dtype_bytes(dtype)
 
 
 def vae_weight_bytes(vae: VaeProfile, dtype: str, drop_encoder: bool) -> int:
@@ -194,12 +198,9 @@ def vae_stream_window_bytes(vae: VaeProfile, dtype: str) -> int:
 def decoder_calls(vae: VaeProfile, latent_frames: int, height: int, width: int, tiling: bool) -> int:
     """Decoder forward calls per sample: Wan decodes one latent frame per call (in every tile when tiled,
     diffusers' loop over tiles at the latent stride); the others decode once, or once per tile."""
-    tiles = 1
-    if tiling and max(height, width) > vae.tile_sample_min:
-        stride = vae.tile_sample_stride
-        tiles = -(-height // stride) * -(-width // stride)
-    per_frame = vae.diffusers_class == "AutoencoderKLWan"
-    return tiles * (latent_frames if per_frame else 1)
+    stride = vae.tile_sample_stride
+    count = -(-height // stride) * -(-width // stride) if tiles(vae, height, width, tiling) else 1
+    return count * (latent_frames if decodes_frame_by_frame(vae) else 1)
 
 
 def tile_area_sum(vae: VaeProfile, height: int, width: int, tiling: bool) -> int:
@@ -304,7 +305,7 @@ def estimate(model: ModelProfile, encoder: EncoderProfile, *, frames: int, heigh
             elif tiled:
                 add("vae_decode_cache", cache * CALIBRATION["vae_cache_in_flight_tiled"], "decode")
             if tiled:  # the tile being decoded (its kept frames) and the strips its neighbours blend with
-                tile = min(height, vae.tile_sample_min) * min(width, vae.tile_sample_min)
+                tile = decode_area(vae, height, width, vae_tiling)
                 blend = vae.tile_sample_min - vae.tile_sample_stride
                 add("decoded_tile", batch * t_sel * 3 * (tile + blend * (width + vae.tile_sample_min)) * vb, "decode")
         else:  # one call: the whole clip comes out at once (tiled: plus the tiles kept for blending)

@@ -176,9 +176,10 @@ def _overhead(ctx: _Ctx, c: Candidate, e: est.Estimate, enc: EncoderProfile) -> 
     vae_s = st.vae_decode_seconds(ctx.model, height=ctx.height, width=ctx.width, tiling=False, **shape)
     parts: dict[str, float] = {}
     # Wan's causal cache waits on the host under a streamed VAE: copied both ways, synchronously (not hidden)
-    cache = est.vae_cache_traffic_bytes(ctx.model.vae, latent_frames=ctx.model.latent_frames(ctx.frames),
-                                        height=ctx.height, width=ctx.width, vae_dtype="bf16", tiling=c.tiling,
-                                        batch=ctx.batch) if c.vae_tier == "stream" else 0
+    i = e.inputs
+    cache = est.vae_cache_traffic_bytes(ctx.model.vae, latent_frames=i["latent_frames"], height=i["height"],
+                                        width=i["width"], vae_dtype=i["vae_dtype"], tiling=i["vae_tiling"],
+                                        batch=i["batch"]) if c.vae_tier == "stream" else 0
     for key, tier, moved, compute in (("crepa_mem_encoder_tier", c.encoder_tier, e.h2d.get("encoder", 0), enc_s),
                                       ("crepa_mem_vae_tier", c.vae_tier, e.h2d.get("vae", 0), vae_s)):
         if tier == "swap":

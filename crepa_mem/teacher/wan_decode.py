@@ -3,7 +3,7 @@
 `decode_kept_frames(vae, z, keep)` gives what `AutoencoderKLWan.decode(z).sample.clamp(-1, 1)[:, :, keep]`
 gives, bit for bit (tested on tiny models of Wan 2.1 and 2.2, bf16 and fp32, tiled and not), with less
 alive at once. It runs diffusers' own decoder, `post_quant_conv` and `blend_v`/`blend_h`; what it
-changes is only what is held between them, and four leaf computations rewritten to the same values:
+changes is only what is held between them, and three leaf computations rewritten to the same values:
 
 - The frame loop (stock `_decode` / `tiled_decode`, diffusers 0.42) runs here, one latent frame at a
   time with the stock causal cache, and keeps only the selected pixel frames as they come out (21 of
@@ -28,8 +28,8 @@ changes is only what is held between them, and four leaf computations rewritten 
   prefetch does not hide (`planning.estimate.vae_cache_traffic_bytes`, counted in `plan`'s step time).
 Encoding, LTX and HunyuanVideo are not touched (their decoders run in one stock call).
 
-Measured (`crepa-mem trace`, Wan 2.1 14B, 81 × 480 × 832, bf16 VAE, tiled, decode phase of the whole
-call): 1,048,882,598 B before → 502,853,542 B with the VAE on `stream`.
+Measured (`crepa-mem trace ... --vae-tier stream --vae-tiling --json`, Wan 2.1 14B, 81 × 480 × 832, bf16 VAE,
+`phase_peak_bytes.decode`): 578,215,334 B, where the stock decode set the whole call's 1,048,882,598 B.
 """
 from __future__ import annotations
 
