@@ -169,7 +169,9 @@ def test_lines_run_elsewhere_are_still_readme_lines():
     assert set(RUN_ELSEWHERE) <= {c for _, c in ALL_SHELL}, "a README line tests/test_multigpu.py runs has changed"
 
 
-@pytest.mark.parametrize("block, command", SHELL, ids=[f"{b.id}:{c[:50]}" for b, c in SHELL])
+# One xdist group per block: its commands share the scratch folder and run in order on one worker.
+@pytest.mark.parametrize("block, command", [pytest.param(b, c, marks=pytest.mark.xdist_group(f"readme-{b.id}"))
+                                            for b, c in SHELL], ids=[f"{b.id}:{c[:50]}" for b, c in SHELL])
 def test_shell_command_runs(scratch, block, command):
     run = stand_in(command)
     res = subprocess.run(["bash", "-c", run], cwd=scratch, env=_env(scratch), capture_output=True, text=True,
